@@ -1,0 +1,121 @@
+"""One dedicated inference thread that batches the requests already waiting.
+
+The event loop never runs the model. The worker takes the first waiting request, adds whatever
+else is already queued (up to `max_batch`, never waiting for more), and runs one forward pass for
+all of them. A bounded number of requests may be in the service at once; past that, callers get
+`Overloaded` and the client a 503 with Retry-After, instead of latency growing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+log = logging.getLogger("app.batcher")
+
+BatchObserver = Callable[[int, list[float], float], None]  # (batch size, queue waits, inference seconds)
+
+
+class Overloaded(Exception):
+    """More requests are in the service than `capacity` allows."""
+
+
+@dataclass
+class _Job:
+    array: np.ndarray
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+_STOP = object()
+
+
+class InferenceWorker:
+    def __init__(self, infer: Callable[[np.ndarray], np.ndarray], max_batch: int, capacity: int,
+                 observe: BatchObserver | None = None):
+        self._infer = infer
+        self._max_batch = max_batch
+        self._capacity = capacity
+        self._observe = observe
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self._admitted = 0
+        self._lock = threading.Lock()
+
+    @property
+    def in_service(self) -> int:
+        """Requests admitted and not yet answered (decoding, queued or in a forward pass)."""
+        return self._admitted
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10) -> None:
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    @contextmanager
+    def admission(self) -> Iterator[None]:
+        """Hold a place in the service for one request, or raise `Overloaded`."""
+        with self._lock:
+            if self._admitted >= self._capacity:
+                raise Overloaded()
+            self._admitted += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._admitted -= 1
+
+    async def predict(self, array: np.ndarray) -> np.ndarray:
+        """Class probabilities for one prepared input. Cancelling the caller (a client that went
+        away) cancels the job if it has not started, so no work is wasted on it."""
+        job = _Job(array)
+        self._queue.put(job)
+        return await asyncio.wrap_future(job.future)
+
+    def _take_batch(self, first: _Job) -> list[_Job]:
+        jobs = [first]
+        while len(jobs) < self._max_batch:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is _STOP:
+                self._queue.put(_STOP)  # finish this batch, then stop
+                break
+            jobs.append(job)
+        # Jobs whose callers were cancelled are dropped here; the rest are marked running.
+        return [job for job in jobs if job.future.set_running_or_notify_cancel()]
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            jobs = self._take_batch(first)
+            if not jobs:
+                continue
+            started = time.perf_counter()
+            try:
+                probs = self._infer(np.stack([job.array for job in jobs]))
+            except Exception as exc:  # reported to each caller; the worker keeps serving
+                log.exception("inference failed")
+                for job in jobs:
+                    job.future.set_exception(exc)
+                continue
+            done = time.perf_counter()
+            for job, row in zip(jobs, probs):
+                job.future.set_result(row)
+            if self._observe is not None:
+                self._observe(len(jobs), [started - job.enqueued for job in jobs], done - started)

@@ -1,0 +1,60 @@
+"""Bytes in, ranked class probabilities out: decoding, admission, batching, ranking."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from app.batcher import InferenceWorker, Overloaded
+from app.errors import ApiError
+from app.images import decode_image
+from app.metrics import Metrics
+from app.model_store import LoadedModel
+from app.predictor import Predictor
+
+Predictions = list[list[str | float]]
+
+
+def ranked(vocab: list[str], probs: np.ndarray) -> Predictions:
+    """`[[label, probability], ...]` for every class, highest first (ties keep vocab order)."""
+    order = sorted(range(len(vocab)), key=lambda i: -float(probs[i]))
+    return [[vocab[i], float(probs[i])] for i in order]
+
+
+class Classifier:
+    def __init__(self, model: LoadedModel, predictor: Predictor, *, threads: int, max_batch: int,
+                 queue_size: int, max_pixels: int, metrics: Metrics):
+        self.model = model
+        self.predictor = predictor
+        self.max_pixels = max_pixels
+        self.metrics = metrics
+        self.worker = InferenceWorker(predictor.infer, max_batch, queue_size, metrics.observe_batch)
+        # Decoding is CPU work too: as many threads as cores, no more, so a burst of 12 MP photos
+        # cannot hold dozens of decoded images in memory at once.
+        self._decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+        metrics.in_service.set_function(lambda: self.worker.in_service)
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self._decode_pool.shutdown(wait=True, cancel_futures=True)
+
+    def prepare(self, data: bytes) -> np.ndarray:
+        image = decode_image(data, self.max_pixels, self.predictor.draft_size)
+        return self.predictor.prepare(image)
+
+    async def classify(self, data: bytes) -> Predictions:
+        try:
+            with self.worker.admission():
+                loop = asyncio.get_running_loop()
+                array = await loop.run_in_executor(self._decode_pool, self.prepare, data)
+                probs = await self.worker.predict(array)
+        except Overloaded:
+            self.metrics.rejected.inc()
+            raise ApiError(503, "overloaded", "The server is busy; try again in a moment.",
+                           {"Retry-After": "1"}) from None
+        return ranked(self.model.vocab, probs)

@@ -1,0 +1,106 @@
+"""All configuration, read from environment variables in one place.
+
+Every setting is documented in the README's configuration table with its default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value that cannot be used."""
+
+
+def _bool(value: str, name: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def _number(value: str, name: str, kind: type, minimum: float) -> int | float:
+    try:
+        number = kind(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if number < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_path: Path = Path("models/export.pkl")
+    model_url: str | None = None
+    model_sha256: str | None = None
+    max_upload_mb: float = 20
+    fetch_timeout_s: float = 10
+    allow_private_urls: bool = False
+    log_level: str = "info"
+    log_format: str = "text"
+    # Inference tuning (see README "Performance"): threads for ONNX Runtime / torch, the largest
+    # batch the worker forms from requests already waiting, and how many may wait before 503.
+    threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
+    max_batch: int = 8
+    queue_size: int = 64
+    backend: str = "auto"
+    cors_origins: tuple[str, ...] = ()
+    max_pixels: int = 50_000_000
+    shutdown_timeout_s: float = 20
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        defaults = cls()
+
+        def get(name: str) -> str | None:
+            value = env.get(name)
+            return value if value not in (None, "") else None
+
+        def number(name: str, default, kind: type = float, minimum: float = 0):
+            value = get(name)
+            return default if value is None else _number(value, name, kind, minimum)
+
+        log_format = (get("LOG_FORMAT") or defaults.log_format).lower()
+        if log_format not in {"text", "json"}:
+            raise ConfigError(f"LOG_FORMAT must be text or json, got {log_format!r}")
+        backend = (get("INFERENCE_BACKEND") or defaults.backend).lower()
+        if backend not in {"auto", "onnx", "torch"}:
+            raise ConfigError(f"INFERENCE_BACKEND must be auto, onnx or torch, got {backend!r}")
+        log_level = (get("LOG_LEVEL") or defaults.log_level).lower()
+        if log_level not in {"critical", "error", "warning", "info", "debug"}:
+            raise ConfigError(f"LOG_LEVEL must be one of critical, error, warning, info, debug, got {log_level!r}")
+        sha = get("MODEL_SHA256")
+        if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha)):
+            raise ConfigError("MODEL_SHA256 must be 64 hexadecimal digits")
+        origins = tuple(o.strip() for o in (get("CORS_ORIGINS") or "").split(",") if o.strip())
+        return cls(
+            host=get("HOST") or defaults.host,
+            port=number("PORT", defaults.port, int, 0),
+            model_path=Path(get("MODEL_PATH") or defaults.model_path),
+            model_url=get("MODEL_URL"),
+            model_sha256=sha.lower() if sha else None,
+            max_upload_mb=number("MAX_UPLOAD_MB", defaults.max_upload_mb, float, 0.001),
+            fetch_timeout_s=number("FETCH_TIMEOUT_S", defaults.fetch_timeout_s, float, 0.1),
+            allow_private_urls=_bool(get("ALLOW_PRIVATE_URLS") or "false", "ALLOW_PRIVATE_URLS"),
+            log_level=log_level,
+            log_format=log_format,
+            threads=number("THREADS", defaults.threads, int, 1),
+            max_batch=number("MAX_BATCH", defaults.max_batch, int, 1),
+            queue_size=number("QUEUE_SIZE", defaults.queue_size, int, 1),
+            backend=backend,
+            cors_origins=origins,
+            shutdown_timeout_s=number("SHUTDOWN_TIMEOUT_S", defaults.shutdown_timeout_s, float, 0),
+        )

@@ -1,0 +1,313 @@
+"""A fast CPU predictor built from a fastai learner.
+
+`learn.predict` is slow for serving: it builds a DataLoader per image, runs Python transforms and
+a torch forward pass with autograd bookkeeping. Here the learner's own inference preprocessing
+(resize/crop method, size, normalisation, read from its transforms) is reproduced with Pillow and
+NumPy, and the model runs in ONNX Runtime. Anything that cannot be reproduced exactly falls back to
+fastai's own pipeline or to torch, and a start-up self-check compares the fast path with fastai on
+a sample image, so a fast answer is never a different answer.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger("app.predictor")
+
+Preprocess = Callable[[Image.Image], np.ndarray]
+# Largest difference allowed between the fast path and fastai's for the fast path to be used.
+SELF_CHECK_TOLERANCE = 1e-4
+
+
+# --- Preprocessing -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResizeStep:
+    """fastai `Resize` or `RandomResizedCrop` as applied to the validation set, in Pillow."""
+
+    kind: str  # "crop", "squish", "pad" (Resize methods) or "rrc" (RandomResizedCrop)
+    size: tuple[int, int]  # (width, height)
+    resample: int
+    val_xtra: float = 0.0
+
+    @property
+    def largest_resize(self) -> int:
+        if self.kind == "rrc":
+            return max(self.size) + _rrc_extra(self.size, self.val_xtra)
+        return max(self.size)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        tw, th = self.size
+        if self.kind == "squish":
+            return img.resize((tw, th), self.resample)
+        if self.kind == "rrc":
+            xtra = _rrc_extra(self.size, self.val_xtra)
+            img = img.resize((tw + xtra, th + xtra), self.resample)
+            left, top = xtra // 2, xtra // 2
+            return img.crop((left, top, left + tw, top + th))
+        # Resize crop/pad: the same arithmetic as fastai's Resize.encodes with centred pcts.
+        scale = w / tw if (w / tw < h / th) == (self.kind == "crop") else h / th
+        cw, ch = int(scale * tw), int(scale * th)
+        left, top = int(0.5 * (w - cw)), int(0.5 * (h - ch))
+        if self.kind == "crop":
+            return img.crop((left, top, left + cw, top + ch)).resize((tw, th), self.resample)
+        canvas = Image.new("RGB", (cw, ch))  # zero padding
+        canvas.paste(img, (-left, -top))
+        return canvas.resize((tw, th), self.resample)
+
+
+def _rrc_extra(size: tuple[int, int], val_xtra: float) -> int:
+    import math
+
+    return math.ceil(max(size) * val_xtra / 8) * 8
+
+
+@dataclass(frozen=True)
+class FastPreprocess:
+    """Resize, scale to [0, 1] and normalise, to a float32 CHW array. Pure and thread-safe."""
+
+    resize: ResizeStep
+    divisor: float
+    mean: np.ndarray  # shape (3, 1, 1)
+    std: np.ndarray
+
+    @property
+    def draft_size(self) -> tuple[int, int]:
+        # JPEG draft decoding keeps at least twice the largest size the resize step produces, so
+        # the antialiased resize that follows sees enough pixels for the same result.
+        side = 2 * self.resize.largest_resize
+        return side, side
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        arr = np.asarray(self.resize(img), dtype=np.float32).transpose(2, 0, 1)
+        arr = arr / np.float32(self.divisor)
+        return ((arr - self.mean) / self.std).astype(np.float32, copy=False)
+
+
+def fast_preprocess_from(learn: Any) -> tuple[FastPreprocess | None, str]:
+    """Read the learner's validation-time transforms; (None, why) if any is not reproducible."""
+    from fastai.vision.all import (IntToFloatTensor, Normalize, RandomResizedCrop, Resize,
+                                   ResizeMethod, ToTensor)
+
+    resize, divisor, mean, std = None, 1.0, np.zeros((3, 1, 1), np.float32), np.ones((3, 1, 1), np.float32)
+    dl = learn.dls.valid if hasattr(learn.dls, "valid") else learn.dls[0]
+    for tfm in [*dl.after_item.fs, *dl.after_batch.fs]:
+        if getattr(tfm, "split_idx", None) == 0:
+            continue  # training-only augmentation
+        if isinstance(tfm, RandomResizedCrop) and resize is None:
+            resize = ResizeStep("rrc", tuple(tfm.size), tfm.mode, tfm.val_xtra)
+        elif isinstance(tfm, Resize) and resize is None:
+            if tfm.method == ResizeMethod.Pad and str(tfm.pad_mode) != "zeros":
+                return None, f"Resize pad_mode {tfm.pad_mode!r} is not reproduced"
+            kind = {ResizeMethod.Crop: "crop", ResizeMethod.Squish: "squish", ResizeMethod.Pad: "pad"}[tfm.method]
+            resize = ResizeStep(kind, tuple(tfm.size), tfm.mode)
+        elif isinstance(tfm, ToTensor):
+            continue
+        elif isinstance(tfm, IntToFloatTensor):
+            divisor = float(tfm.div)
+        elif isinstance(tfm, Normalize):
+            if tfm.mean is None or tfm.mean.numel() != 3:
+                return None, "Normalize is not per-channel RGB"
+            mean = tfm.mean.detach().cpu().numpy().reshape(3, 1, 1).astype(np.float32)
+            std = tfm.std.detach().cpu().numpy().reshape(3, 1, 1).astype(np.float32)
+        else:
+            return None, f"transform {type(tfm).__name__} applies at inference and is not reproduced"
+    if resize is None:
+        return None, "no Resize or RandomResizedCrop transform: input sizes would vary"
+    return FastPreprocess(resize, divisor, mean, std), ""
+
+
+def fastai_preprocess(learn: Any) -> Preprocess:
+    """fastai's own pipeline, used when the fast one cannot reproduce it. Serialised by a lock:
+    fastai transforms keep per-call state (RandomResizedCrop stores sizes on itself)."""
+    lock = threading.Lock()
+
+    def preprocess(img: Image.Image) -> np.ndarray:
+        with lock:
+            dl = learn.dls.test_dl([img], num_workers=0)
+            (batch,) = dl.one_batch()[:1]
+        return batch[0].cpu().numpy().astype(np.float32)
+
+    return preprocess
+
+
+# --- Model runtimes ------------------------------------------------------------------------------
+
+
+def torch_runner(model: Any, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    import torch
+
+    torch.set_num_threads(threads)
+    model.eval()
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = model(torch.from_numpy(batch))
+        return out.float().cpu().numpy()
+
+    return run
+
+
+def export_onnx(model: Any, sample: np.ndarray, dest: Path) -> None:
+    """Export to ONNX with a dynamic batch axis, written atomically next to `dest`."""
+    import torch
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            model.eval(), (torch.from_numpy(sample),), buffer, input_names=["input"], output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+        )
+    _write_atomically(dest, buffer.getvalue())
+
+
+def _write_atomically(dest: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def onnx_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle ORT threads must not spin: image decoding runs on the same cores between batches.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return session.run(None, {"input": batch})[0]
+
+    return run
+
+
+def onnx_cache_path(model_path: Path, sha256: str) -> Path:
+    """The compiled model lives next to the export, named by the export's hash, so a changed
+    export.pkl can never be served from a stale cache."""
+    return model_path.with_name(f"{model_path.stem}.{sha256[:16]}.onnx")
+
+
+# --- The predictor -------------------------------------------------------------------------------
+
+
+@dataclass
+class Predictor:
+    """`prepare` turns an image into model input (any thread); `infer` runs a batch (one thread)."""
+
+    prepare: Preprocess
+    infer: Callable[[np.ndarray], np.ndarray]
+    backend: str
+    preprocessing: str
+    draft_size: tuple[int, int] | None
+
+
+def activation(learn: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """The loss function's activation (softmax for single-label classifiers), as learn.predict
+    applies it."""
+    import torch
+
+    act = getattr(learn.loss_func, "activation", None)
+
+    def apply(logits: np.ndarray) -> np.ndarray:
+        if act is None:
+            return torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+        return np.asarray(act(torch.from_numpy(logits)), dtype=np.float32)
+
+    return apply
+
+
+def sample_image() -> Image.Image:
+    """A deterministic, non-square, detailed image for the start-up self-check."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:301, 0:457]
+    base = np.stack([xx * 255 / 457, yy * 255 / 301, (xx + yy) % 256], axis=-1)
+    noise = rng.integers(0, 40, size=base.shape)
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
+
+
+def build_predictor(learn: Any, model_path: Path, sha256: str, threads: int, backend: str = "auto") -> Predictor:
+    """The fastest predictor that gives the same answers as the learner."""
+    import torch
+
+    torch.set_num_threads(threads)
+    img = sample_image()
+    reference = fastai_preprocess(learn)
+    expected_input = reference(img)
+
+    prepare: Preprocess
+    fast, why = fast_preprocess_from(learn)
+    if fast is not None and np.abs(fast(img) - expected_input).max() <= SELF_CHECK_TOLERANCE:
+        prepare, preprocessing, draft = fast, "pillow-numpy", fast.draft_size
+    else:
+        why = why or "fast preprocessing differs from fastai's on the self-check image"
+        log.info("using fastai preprocessing: %s", why)
+        prepare, preprocessing, draft = reference, "fastai", None
+
+    model = learn.model.eval()
+    to_probs = activation(learn)
+    torch_run = torch_runner(model, threads)
+    batch = expected_input[None]
+    expected_logits = torch_run(batch)
+    run, used = torch_run, "torch"
+    if backend in ("auto", "onnx"):
+        try:
+            run = _onnx_with_cache(model, batch, model_path, sha256, threads)
+            diff = float(np.abs(run(batch) - expected_logits).max())
+            if diff > 1e-3:
+                raise ValueError(f"ONNX output differs from torch by {diff:.2g}")
+            used = "onnx"
+        except Exception as exc:  # any exporter or runtime failure: serve with torch instead
+            if backend == "onnx":
+                raise
+            log.warning("ONNX export failed, serving with torch (%s: %s)", type(exc).__name__, exc)
+            run = torch_run
+
+    def infer(x: np.ndarray) -> np.ndarray:
+        return to_probs(run(x))
+
+    return Predictor(prepare=prepare, infer=infer, backend=used, preprocessing=preprocessing, draft_size=draft)
+
+
+def _onnx_with_cache(model: Any, batch: np.ndarray, model_path: Path, sha256: str, threads: int):
+    cache = onnx_cache_path(model_path, sha256)
+    if cache.exists():
+        try:
+            return onnx_runner(cache, threads)
+        except Exception as exc:  # unreadable or truncated cache: rebuild it below
+            log.warning("ignoring unreadable ONNX cache %s (%s)", cache, exc)
+    try:
+        export_onnx(model, batch, cache)
+        log.info("compiled model to %s", cache)
+        return onnx_runner(cache, threads)
+    except PermissionError:
+        # Read-only model folder: compile to a temporary file for this process only.
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / cache.name
+            export_onnx(model, batch, path)
+            return onnx_runner(path, threads)

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from support import ROOT, AppProcess, LocalHTTPServer, make_dataset
+
+OUTPUT = ROOT / "test-output"
+
+
+@pytest.fixture(scope="session")
+def output_dir() -> Path:
+    OUTPUT.mkdir(exist_ok=True)
+    return OUTPUT
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real fastai export of a tiny CNN trained for one epoch on synthetic images, in seconds."""
+    from app.train import main
+
+    root = tmp_path_factory.mktemp("tiny")
+    data = make_dataset(root / "data")
+    out = root / "model"
+    status = main([str(data), "--arch", "tiny_cnn", "--no-pretrained", "--epochs", "1", "--freeze-epochs", "1",
+                   "--size", "32", "--bs", "8", "--workers", "0", "--quiet", "--out", str(out)])
+    assert status == 0
+    return out / "export.pkl"
+
+
+@pytest.fixture(scope="session")
+def tiny_learner(tiny_export: Path):
+    from fastai.learner import load_learner
+
+    return load_learner(tiny_export, cpu=True)
+
+
+@pytest.fixture
+def model_copy(tiny_export: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny export (with its card) that a test may break or move."""
+    dest = tmp_path / "model"
+    shutil.copytree(tiny_export.parent, dest, ignore=shutil.ignore_patterns("*.onnx"))
+    return dest / "export.pkl"
+
+
+@pytest.fixture(scope="session")
+def image_server():
+    server = LocalHTTPServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The real server (`python -m app`) on the tiny export, allowed to fetch from loopback."""
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    app = AppProcess({"MODEL_PATH": str(tiny_export), "ALLOW_PRIVATE_URLS": "true", "FETCH_TIMEOUT_S": "2",
+                      "MAX_UPLOAD_MB": "2"}, log)
+    yield app.wait_ready()
+    app.stop()

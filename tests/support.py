@@ -1,0 +1,167 @@
+"""Helpers shared by the tests: synthetic images, local HTTP servers, a real `python -m app`."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import requests
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+BEARS = ROOT.parent / "shared" / "data" / "bears"
+NO_BEARS = "the bear photos in ../shared/data/bears are not here (a fresh clone); CI has them"
+
+# Colour per synthetic class: a tiny CNN tells these apart after one epoch.
+CLASS_COLOURS = {"blues": (40, 60, 200), "greens": (40, 180, 60), "reds": (200, 40, 40)}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def synthetic_image(colour: tuple[int, int, int], size: tuple[int, int] = (48, 40), seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(colour) + rng.normal(0, 25, size=(size[1], size[0], 3)), 0, 255)
+    return Image.fromarray(arr.astype(np.uint8), "RGB")
+
+
+def image_bytes(img: Image.Image, fmt: str = "JPEG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def make_dataset(root: Path, per_class: int = 10) -> Path:
+    for cls, colour in CLASS_COLOURS.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            synthetic_image(colour, seed=i).save(root / cls / f"{i}.jpg")
+    return root
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims `width` x `height` pixels, with almost no data behind it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+# --- A local HTTP server with canned answers -----------------------------------------------------
+
+
+Route = tuple[int, dict[str, str], bytes] | Callable[[BaseHTTPRequestHandler], None]
+
+
+@dataclass
+class LocalHTTPServer:
+    """http.server on a loopback address, serving `routes` and recording every request path."""
+
+    host: str = "127.0.0.1"
+    routes: dict[str, Route] = field(default_factory=dict)
+    requests: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                outer.requests.append(self.path)
+                route = outer.routes.get(self.path)
+                if route is None:
+                    route = (404, {"Content-Type": "text/plain"}, b"not found")
+                if callable(route):
+                    route(self)
+                    return
+                status, headers, body = route
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                if "Content-Length" not in headers:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((self.host, 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}:{self.port}{path}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# --- A real server process -----------------------------------------------------------------------
+
+
+class AppProcess:
+    """`python -m app` (the Docker start command) on a free port, with its log captured."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "THREADS": "2", **env}
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=full_env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 120) -> AppProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if requests.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def run_app_until_exit(env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(free_port()), **env}
+    return subprocess.run([sys.executable, "-m", "app"], cwd=ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
