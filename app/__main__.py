@@ -1,7 +1,13 @@
-"""`python -m app`: serve the model with uvicorn, configured from the environment."""
+"""`python -m app`: serve the model with uvicorn, configured from the environment.
+
+`python -m app --check` loads the model exactly as the server would (and compiles its ONNX copy),
+then exits: 0 if it can be served, 3 with the one-line reason if not. The Dockerfile runs it so a
+broken model fails the image build.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import sys
 
@@ -9,16 +15,36 @@ import uvicorn
 
 from app.config import ConfigError, Settings
 from app.logs import configure_logging
-from app.server import create_app
+from app.server import create_app, load_classifier
+
+STARTUP_FAILURE = 3  # uvicorn's exit status when the application fails to start
 
 
-def main() -> int:
+def check(settings: Settings) -> int:
+    from app.metrics import Metrics
+    from app.model_store import ModelLoadError
+
+    try:
+        classifier = asyncio.run(load_classifier(settings, Metrics()))
+    except ModelLoadError as exc:
+        print(f"cannot serve the model: {exc}", file=sys.stderr)
+        return STARTUP_FAILURE
+    print(f"ok: {settings.model_path} classes={classifier.model.vocab} backend={classifier.predictor.backend}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    if argv == ["--check"]:
+        return check(settings)
+    if argv:
+        print("usage: python -m app [--check]  (configuration comes from environment variables)", file=sys.stderr)
+        return 2
     app = create_app(settings)
     # uvicorn re-raises the SIGTERM it handled once it has drained requests; with a Python handler
     # in place that re-raise is a no-op, so a graceful shutdown exits 0 instead of "killed".
@@ -36,4 +62,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

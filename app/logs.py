@@ -40,7 +40,12 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
-    # Library deprecation notices are for developers, not for a server's log on every start.
+    quiet_library_warnings()
+    logging.captureWarnings(True)
+
+
+def quiet_library_warnings() -> None:
+    """Library deprecation notices (fastai's import of torch.jit.script, ...) are for developers,
+    not for a server's log or a training run's output."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    logging.captureWarnings(True)

@@ -142,7 +142,15 @@ def load_learner_checked(path: Path, card: dict | None) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # fastai's pickle-safety notice, torch deprecations
-            learn = load_learner(path, cpu=True)
+            try:
+                learn = load_learner(path, cpu=True)
+            except UnboundLocalError:
+                # fastai swallows most ImportErrors and then trips over an unset variable; unpickle
+                # again without it to surface the real error.
+                import torch
+
+                torch.load(path, map_location="cpu", weights_only=False)
+                raise
     except (AttributeError, ModuleNotFoundError, ImportError, TypeError) as exc:
         raise ModelLoadError(
             f"{path} could not be unpickled ({type(exc).__name__}: {exc}): the export needs code or "

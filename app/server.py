@@ -235,7 +235,7 @@ async def on_client_disconnect(request: Request, exc: Exception) -> Response:
 
 
 async def on_unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    # Starlette re-raises after this response, so uvicorn logs the traceback once.
     return error_response(500, "internal_error", "Something went wrong on our side.")
 
 
@@ -340,7 +340,8 @@ def create_app(settings: Settings, policy: AddressPolicy | None = None,
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.runtime = Runtime(settings, policy, make_session(policy, settings.fetch_timeout_s, resolver))
         try:
-            classifier = await _start_classifier(settings, metrics_)
+            classifier = await load_classifier(settings, metrics_)
+            classifier.start()
         except ModelLoadError as exc:
             app.state.startup_error = f"cannot serve the model: {exc}"
             await app.state.runtime.session.close()
@@ -371,9 +372,9 @@ def create_app(settings: Settings, policy: AddressPolicy | None = None,
         Middleware(RequestLog, metrics=metrics_, routes=frozenset(r.path for r in routes if isinstance(r, Route))),
         Middleware(UploadSizeLimit, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD),
     ]
-    if settings.cors_origins:
-        middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
-                                     allow_methods=["GET", "POST"], expose_headers=["X-Request-ID"]))
+    if settings.cors_origins:  # outside the size limit, so that its 413 carries CORS headers too
+        middleware.insert(1, Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                                        allow_methods=["GET", "POST"], expose_headers=["X-Request-ID"]))
     app = Starlette(
         routes=routes,
         middleware=middleware,
@@ -393,13 +394,12 @@ def create_app(settings: Settings, policy: AddressPolicy | None = None,
     return app
 
 
-async def _start_classifier(settings: Settings, metrics_: Metrics) -> Classifier:
+async def load_classifier(settings: Settings, metrics_: Metrics) -> Classifier:
+    """Load and check the model and build its predictor (not started)."""
     model = await load_model(settings.model_path, settings.model_url, settings.model_sha256)
     predictor = await asyncio.to_thread(build_predictor, model.learn, model.path, model.sha256,
                                         settings.threads, settings.backend)
     metrics_.model.info({"file": model.path.name, "sha256": model.sha256, "backend": predictor.backend,
                          "classes": ",".join(model.vocab)})
-    classifier = Classifier(model, predictor, threads=settings.threads, max_batch=settings.max_batch,
-                            queue_size=settings.queue_size, max_pixels=settings.max_pixels, metrics=metrics_)
-    classifier.start()
-    return classifier
+    return Classifier(model, predictor, threads=settings.threads, max_batch=settings.max_batch,
+                      queue_size=settings.queue_size, max_pixels=settings.max_pixels, metrics=metrics_)

@@ -155,6 +155,7 @@ async def download_images(
         (data / cls).mkdir(parents=True, exist_ok=True)
     semaphore = asyncio.Semaphore(concurrency)
     bar = progress_bar(range(len(jobs)), display=show_progress)
+    bar.update(0)
     done = 0
 
     async def fetch(session, cls: str, url: str) -> None:
@@ -174,13 +175,18 @@ async def download_images(
 # --- Training ------------------------------------------------------------------------------------
 
 
+ARCHITECTURES = ("efficientnet_lite0", "resnet18", "resnet34", "tiny_cnn")
+
+
 def architectures() -> dict[str, Callable]:
     from torchvision.models import resnet18, resnet34
 
     from app.arch import efficientnet_lite0, tiny_cnn
 
-    return {"efficientnet_lite0": efficientnet_lite0, "resnet18": resnet18, "resnet34": resnet34,
-            "tiny_cnn": tiny_cnn}
+    archs = {"efficientnet_lite0": efficientnet_lite0, "resnet18": resnet18, "resnet34": resnet34,
+             "tiny_cnn": tiny_cnn}
+    assert tuple(archs) == ARCHITECTURES
+    return archs
 
 
 def make_dataloaders(data: Path, files: list[Path], size: int, bs: int, seed: int, valid_pct: float,
@@ -262,20 +268,18 @@ def model_card(result: TrainResult, args: argparse.Namespace, counts: Counter, e
     import torch
     import torchvision
 
-    from app.arch import LITE_STATS
-
     dls = result.learn.dls
     norm = [t for t in dls.after_batch if type(t).__name__ == "Normalize"]
     stats = None
     if norm:
-        stats = {"mean": norm[0].mean.flatten().tolist(), "std": norm[0].std.flatten().tolist()}
+        stats = {"mean": [round(v, 4) for v in norm[0].mean.flatten().tolist()],
+                 "std": [round(v, 4) for v in norm[0].std.flatten().tolist()]}
     return {
         "classes": list(dls.vocab),
         "architecture": args.arch,
         "pretrained": args.pretrained,
         "input_size": args.size,
         "normalization": stats,
-        "normalization_note": "TF-Lite (x-127)/128" if stats and stats["mean"][0] == LITE_STATS[0][0] else None,
         "images_per_class": dict(sorted(counts.items())),
         "train_images": len(dls.train_ds),
         "valid_images": len(dls.valid_ds),
@@ -303,7 +307,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--urls", action="append", default=[], metavar="CLASS=FILE",
                         help="download the image URLs in FILE into DATA/CLASS first (repeatable)")
     parser.add_argument("--max-per-class", type=int, default=200, help="most URLs downloaded per class")
-    parser.add_argument("--arch", default="efficientnet_lite0", choices=sorted(architectures()))
+    parser.add_argument("--arch", default="efficientnet_lite0", choices=ARCHITECTURES)
     parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                         help="start from ImageNet weights (offline only for efficientnet_lite0)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs after unfreezing")
@@ -311,7 +315,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-3, help="base learning rate for fine_tune")
     parser.add_argument("--size", type=int, default=224, help="input size in pixels")
     parser.add_argument("--bs", type=int, default=32, help="batch size")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the validation split")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the validation split and of training")
     parser.add_argument("--valid-pct", type=float, default=0.2)
     parser.add_argument("--min-per-class", type=int, default=5, help="fewest images a class may have")
     parser.add_argument("--workers", type=int, default=None, help="data loader processes")
@@ -359,6 +363,9 @@ def print_summary(card: dict, rejected: int, report: DownloadReport | None) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
+    from app.logs import quiet_library_warnings
+
+    quiet_library_warnings()
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
@@ -367,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
+    from fastai.torch_core import set_seed
+
+    set_seed(args.seed)  # same data and seed: same split, same initial head, same shuffles
     dls = make_dataloaders(args.data, files, args.size, args.bs, args.seed, args.valid_pct, args.workers)
     result = train(dls, architectures()[args.arch], args.epochs, args.freeze_epochs, args.pretrained,
                    args.lr, show_progress=not args.quiet)

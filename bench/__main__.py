@@ -1,0 +1,290 @@
+"""Side-by-side benchmark of this service against the course-starter baseline.
+
+    python -m bench                      # default model (make bench)
+    python -m bench --resnet34           # also a resnet34 export with random weights
+    python -m bench --quick              # shorter runs, for a smoke test
+
+Starts both servers on free loopback ports on the same export, drives them from a separate load
+process with the same images and concurrency, times the bare forward pass in-process, and prints
+one table with ratios. Everything is measured in this one run on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import requests
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+BEARS = ROOT.parent / "shared" / "data" / "bears"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- Inputs --------------------------------------------------------------------------------------
+
+
+def photo(size: tuple[int, int]) -> bytes:
+    """A real bear photo (if the shared data is here) resized to `size`, else a textured image."""
+    source = sorted((BEARS / "grizzly").glob("*.jpg"))[:1] if BEARS.is_dir() else []
+    if source:
+        img = Image.open(source[0]).convert("RGB").resize(size, Image.LANCZOS)
+    else:
+        rng = np.random.default_rng(0)
+        yy, xx = np.mgrid[0:size[1], 0:size[0]]
+        arr = np.stack([xx % 256, yy % 256, (xx * yy) % 256], -1) + rng.integers(0, 30, (size[1], size[0], 3))
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    buffer = io.BytesIO()
+    img.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def resnet34_export(folder: Path) -> Path:
+    """A resnet34 learner with random weights and the bear classes, for timing only."""
+    from fastai.vision.all import (CategoryBlock, DataBlock, ImageBlock, Learner, Normalize, RandomResizedCrop,
+                                   accuracy, create_vision_model, get_image_files, imagenet_stats, parent_label)
+    from torchvision.models import resnet34
+
+    images = folder / "images"
+    for cls in ("black", "grizzly", "teddys"):
+        (images / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            Image.new("RGB", (64, 64), (i * 90, 80, 120)).save(images / cls / f"{i}.jpg")
+    block = DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=get_image_files,
+                      get_y=parent_label, item_tfms=RandomResizedCrop(224, min_scale=0.5),
+                      batch_tfms=[Normalize.from_stats(*imagenet_stats)])
+    dls = block.dataloaders(images, bs=2, num_workers=0)
+    learn = Learner(dls, create_vision_model(resnet34, 3, pretrained=False), metrics=accuracy)
+    path = folder / "export.pkl"
+    learn.export(path)
+    return path
+
+
+# --- Servers -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen
+    url: str
+    cold_start_s: float
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def start(name: str, command: list[str], env: dict[str, str], port: int) -> Server:
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}")
+        try:
+            if requests.get(url + "/readyz", timeout=1).status_code == 200:
+                return Server(name, proc, url, time.perf_counter() - t0)
+        except requests.ConnectionError:
+            pass
+        if time.perf_counter() - t0 > 300:
+            proc.kill()
+            raise RuntimeError(f"{name} did not become ready")
+        time.sleep(0.05)
+
+
+def start_ours(model: Path, **env: str) -> Server:
+    port = free_port()
+    return start("ours", [sys.executable, "-m", "app"],
+                 {"MODEL_PATH": str(model), "PORT": str(port), "LOG_LEVEL": "warning", **env}, port)
+
+
+def start_baseline(model: Path) -> Server:
+    port = free_port()
+    return start("baseline", [sys.executable, "-m", "bench.baseline", str(model), str(port)], {}, port)
+
+
+# --- Measurements --------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    p50_ms: float
+    p99_ms: float
+    rps: float
+    ok: int
+    errors: dict
+
+    @classmethod
+    def run(cls, server: Server, image: Path, concurrency: int, seconds: float, max_requests: int) -> LoadResult:
+        # Warm-up, so that lazy initialisation is not charged to the first measured request.
+        for _ in range(2):
+            requests.post(server.url + "/upload", files={"file": ("w.jpg", image.read_bytes())}, timeout=120)
+        out = subprocess.run([sys.executable, "-m", "bench.load", server.url + "/upload", str(image),
+                              str(concurrency), str(seconds), str(max_requests)],
+                             cwd=ROOT, capture_output=True, text=True, check=True)
+        data = json.loads(out.stdout)
+        lat = np.array(data["latencies"]) * 1000
+        return cls(float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+                   float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+                   len(lat) / data["elapsed"], len(lat), data["errors"])
+
+
+def bare_forward_rate(model: Path, batch: int, seconds: float = 4.0) -> dict[str, float]:
+    """Images per second of the model alone (no decoding, no HTTP) with torch and ONNX Runtime."""
+    import torch
+    from fastai.learner import load_learner
+
+    from app.predictor import build_predictor
+    from app.model_store import sha256_file
+
+    threads = os.cpu_count() or 1
+    learn = load_learner(model, cpu=True)
+    predictor = build_predictor(learn, model, sha256_file(model), threads)
+    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+    rates = {}
+    torch.set_num_threads(threads)
+    with torch.inference_mode():
+        runners = {"torch": lambda: learn.model.eval()(torch.from_numpy(x)), "onnx": lambda: predictor.infer(x)}
+        for name, fn in runners.items():
+            fn()
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                fn()
+                n += batch
+            rates[name] = n / (time.perf_counter() - t0)
+    return rates
+
+
+def decode_times(data: bytes, repeat: int = 10) -> tuple[float, float]:
+    """ms to decode and prepare a photo, with and without JPEG draft decoding."""
+    from app.images import decode_image
+
+    def timed(draft):
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            img = decode_image(data, draft_size=draft)
+            img.resize((224, 224), Image.BILINEAR)
+        return (time.perf_counter() - t0) / repeat * 1000
+
+    return timed(None), timed((512, 512))
+
+
+# --- Report --------------------------------------------------------------------------------------
+
+
+def bench_model(label: str, model: Path, images: dict[str, Path], levels: list[int], seconds: float,
+                max_requests: int) -> list[str]:
+    lines = [f"\n## {label}: {model.name} ({model.stat().st_size / 1e6:.1f} MB)"]
+    cache = model.with_name(f"{model.stem}.*.onnx")
+    for old in model.parent.glob(cache.name):
+        old.unlink()
+    ours = start_ours(model)
+    cold_uncached = ours.cold_start_s
+    ours.stop()
+    ours = start_ours(model)
+    baseline = start_baseline(model)
+    results: dict[tuple[str, str, int], LoadResult] = {}
+    try:
+        for image_name, image in images.items():
+            for c in levels:
+                for server in (ours, baseline):
+                    results[(server.name, image_name, c)] = LoadResult.run(server, image, c, seconds, max_requests)
+        unbatched = start_ours(model, MAX_BATCH="1")
+        try:
+            for c in levels[1:]:
+                results[("ours MAX_BATCH=1", "640x480", c)] = LoadResult.run(unbatched, images["640x480"], c, seconds,
+                                                                             max_requests)
+        finally:
+            unbatched.stop()
+        rss = {s.name: s.peak_rss_mb() for s in (ours, baseline)}
+    finally:
+        ours.stop()
+        baseline.stop()
+
+    lines.append(f"cold start to /readyz: ours {ours.cold_start_s:.1f} s with the ONNX cache, "
+                 f"{cold_uncached:.1f} s without; baseline {baseline.cold_start_s:.1f} s")
+    lines.append(f"peak RSS: ours {rss['ours']:.0f} MB, baseline {rss['baseline']:.0f} MB")
+    lines.append("")
+    lines.append("| server | image | conc. | p50 ms | p99 ms | req/s | ok | errors |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---|")
+    for (name, image_name, c), r in results.items():
+        lines.append(f"| {name} | {image_name} | {c} | {r.p50_ms:.0f} | {r.p99_ms:.0f} | {r.rps:.1f} | {r.ok} | "
+                     f"{r.errors or '-'} |")
+    lines.append("")
+    for image_name in images:
+        one = results[("ours", image_name, 1)], results[("baseline", image_name, 1)]
+        top = results[("ours", image_name, levels[-1])], results[("baseline", image_name, levels[-1])]
+        lines.append(f"{image_name}: p50 at concurrency 1 is {one[1].p50_ms / one[0].p50_ms:.1f}x lower than the "
+                     f"baseline; throughput at concurrency {levels[-1]} is {top[0].rps / top[1].rps:.1f}x the baseline")
+    for max_batch in (8,):
+        rates = bare_forward_rate(model, max_batch)
+        best = max(rates.values())
+        ours_rps = results[("ours", "640x480", levels[-1])].rps
+        lines.append(f"bare forward pass at batch {max_batch}: torch {rates['torch']:.1f} img/s, ONNX Runtime "
+                     f"{rates['onnx']:.1f} img/s; ours at concurrency {levels[-1]} (640x480) reaches "
+                     f"{ours_rps / best:.0%} of the faster one")
+    rates1 = bare_forward_rate(model, 1)
+    lines.append(f"bare forward pass at batch 1: torch {rates1['torch']:.1f} img/s, ONNX Runtime {rates1['onnx']:.1f} img/s")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "export.pkl")
+    parser.add_argument("--resnet34", action="store_true", help="also benchmark a resnet34 export (random weights)")
+    parser.add_argument("--quick", action="store_true", help="short runs (a smoke test, not for reporting)")
+    parser.add_argument("--seconds", type=float, default=10, help="seconds per load level")
+    args = parser.parse_args()
+    seconds = 2 if args.quick else args.seconds
+    max_requests = 40 if args.quick else 2000
+    levels = [1, 8, 32]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        images = {"640x480": tmp_path / "640x480.jpg", "12MP": tmp_path / "12mp.jpg"}
+        images["640x480"].write_bytes(photo((640, 480)))
+        images["12MP"].write_bytes(photo((4000, 3000)))
+        full, drafted = decode_times(images["12MP"].read_bytes())
+        lines = [f"# Cuddle or Not benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                 f"Python {platform.python_version()}",
+                 f"12 MP JPEG ({images['12MP'].stat().st_size / 1e6:.1f} MB) decode + resize: {full:.0f} ms full, "
+                 f"{drafted:.0f} ms with JPEG draft ({full / drafted:.1f}x)"]
+        lines += bench_model("default model", args.model, images, levels, seconds, max_requests)
+        if args.resnet34:
+            lines += bench_model("resnet34 (random weights)", resnet34_export(tmp_path / "r34"), images, levels,
+                                 seconds, max_requests)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

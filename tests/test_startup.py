@@ -1,0 +1,120 @@
+"""Start-up: the model is found or downloaded, checked, and a broken one stops the server with a
+one-line reason."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import textwrap
+
+import pytest
+
+from app.model_store import ModelLoadError, check_model_file, load_model, sha256_file
+from support import LocalHTTPServer, run_app_until_exit
+
+HTML = b"<!DOCTYPE html><html><head><title>Google Drive</title></head><body>Download</body></html>"
+
+
+def startup_error(env: dict[str, str]) -> str:
+    """Run `python -m app`, expect it to refuse to start, return its one-line reason."""
+    result = run_app_until_exit(env)
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if "cannot serve the model" in line]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_missing_model_stops_startup_with_one_line(tmp_path):
+    line = startup_error({"MODEL_PATH": str(tmp_path / "nope.pkl")})
+    assert "not found" in line and "python -m app.train" in line
+
+
+def test_html_saved_as_the_model_is_reported_as_such(tmp_path):
+    path = tmp_path / "export.pkl"
+    path.write_bytes(HTML)
+    line = startup_error({"MODEL_PATH": str(path)})
+    assert "HTML page" in line and "direct download link" in line
+
+
+def test_bad_configuration_exits_2():
+    result = run_app_until_exit({"MAX_UPLOAD_MB": "lots"})
+    assert result.returncode == 2
+    assert "MAX_UPLOAD_MB must be a number" in result.stderr
+
+
+def test_not_a_pickle(tmp_path):
+    path = tmp_path / "export.pkl"
+    path.write_bytes(b"GIF89a this is not a model")
+    with pytest.raises(ModelLoadError, match="not a fastai export"):
+        check_model_file(path, None)
+
+
+def test_sha256_mismatch(model_copy):
+    with pytest.raises(ModelLoadError, match="sha256"):
+        check_model_file(model_copy, "0" * 64)
+    assert check_model_file(model_copy, sha256_file(model_copy).upper()) == sha256_file(model_copy)
+
+
+def test_truncated_export_is_refused(model_copy):
+    data = model_copy.read_bytes()
+    model_copy.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="not a loadable fastai export"):
+        asyncio.run(load_model(model_copy, None, None))
+
+
+def test_version_mismatch_names_installed_and_training_versions(tmp_path):
+    """An export whose pickle refers to code this install lacks, as one from another fastai has."""
+    module = tmp_path / "fastai_of_another_era.py"
+    module.write_text("class Learner:\n    pass\n")
+    path = tmp_path / "export.pkl"
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(tmp_path)!r})
+        import fastai_of_another_era
+        torch.save(fastai_of_another_era.Learner(), {str(path)!r})
+    """)
+    import subprocess
+
+    subprocess.run([sys.executable, "-c", script], check=True)
+    module.unlink()
+    (tmp_path / "model-card.json").write_text(json.dumps({"versions": {"fastai": "1.0.61", "torch": "1.4.0"}}))
+    with pytest.raises(ModelLoadError) as err:
+        asyncio.run(load_model(path, None, None))
+    message = str(err.value)
+    import fastai
+    import torch
+
+    assert f"installed: fastai {fastai.__version__}, torch {torch.__version__}" in message
+    assert "trained with fastai 1.0.61, torch 1.4.0" in message
+
+
+@pytest.fixture
+def model_host(tiny_export):
+    server = LocalHTTPServer(routes={
+        "/export.pkl": (200, {"Content-Type": "application/octet-stream"}, tiny_export.read_bytes()),
+        "/share": (200, {"Content-Type": "text/html"}, HTML),
+    })
+    yield server
+    server.close()
+
+
+def test_model_url_is_downloaded_checked_and_renamed_into_place(tiny_export, model_host, tmp_path):
+    dest = tmp_path / "models" / "export.pkl"
+    model = asyncio.run(load_model(dest, model_host.url("/export.pkl"), sha256_file(tiny_export)))
+    assert model.sha256 == sha256_file(tiny_export) == sha256_file(dest)
+    assert model.vocab == ["blues", "greens", "reds"]
+    assert [p.name for p in dest.parent.iterdir()] == ["export.pkl"]  # no temporary file left
+
+
+@pytest.mark.parametrize("path,expected_sha,message", [
+    ("/share", None, "HTML page"),
+    ("/missing", None, "HTTP 404"),
+    ("/export.pkl", "ab" * 32, "sha256"),
+])
+def test_bad_model_url_leaves_no_model_behind(model_host, tmp_path, path, expected_sha, message):
+    dest = tmp_path / "export.pkl"
+    with pytest.raises(ModelLoadError, match=message):
+        asyncio.run(load_model(dest, model_host.url(path), expected_sha))
+    assert list(tmp_path.iterdir()) == []
