@@ -13,11 +13,10 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
@@ -115,7 +114,7 @@ class InferenceWorker:
                     job.future.set_exception(exc)
                 continue
             done = time.perf_counter()
-            for job, row in zip(jobs, probs):
+            for job, row in zip(jobs, probs, strict=True):
                 job.future.set_result(row)
             if self._observe is not None:
                 self._observe(len(jobs), [started - job.enqueued for job in jobs], done - started)

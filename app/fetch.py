@@ -96,7 +96,9 @@ class GuardedResolver(AbstractResolver):
         self._policy = policy
         self._inner = inner or aiohttp.ThreadedResolver()
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[dict[str, Any]]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[dict[str, Any]]:
         infos = await self._inner.resolve(host, port, family)
         if not infos or not all(self._policy(ipaddress.ip_address(info["host"])) for info in infos):
             raise DestinationNotAllowed(host)
@@ -106,7 +108,9 @@ class GuardedResolver(AbstractResolver):
         await self._inner.close()
 
 
-def make_session(policy: AddressPolicy, timeout_s: float, resolver: AbstractResolver | None = None) -> aiohttp.ClientSession:
+def make_session(
+    policy: AddressPolicy, timeout_s: float, resolver: AbstractResolver | None = None
+) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(resolver=GuardedResolver(policy, resolver), force_close=True, limit=32)
     return aiohttp.ClientSession(
         connector=connector,

@@ -9,7 +9,7 @@ import time
 import warnings
 
 # Extra fields a log call may attach (`log.info(..., extra={...})`) that JSON lines carry.
-_FIELDS = ("request_id", "method", "path", "status", "ms", "client")
+_FIELDS = ("request_id", "method", "path", "status", "ms", "bytes_in")
 
 
 class JsonFormatter(logging.Formatter):

@@ -10,10 +10,10 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
@@ -151,7 +151,8 @@ async def classify_url(request: Request) -> JSONResponse:
         predictions = await classifier.classify(data)
     except ApiError as exc:
         if exc.status == 415:  # the remote server's fault, not the client's
-            raise ApiError(502, "remote_not_image", f"The URL did not return an image we can read. {exc.message}") from None
+            message = f"The URL did not return an image we can read. {exc.message}"
+            raise ApiError(502, "remote_not_image", message) from None
         raise
     return JSONResponse({"predictions": predictions})
 
@@ -275,7 +276,7 @@ class UploadSizeLimit:
 
 
 class RequestLog:
-    """One log line per request (method, path, status, milliseconds, request id), the request id
+    """One log line per request (method, path, status, milliseconds, bytes received, request id), the request id
     echoed in X-Request-ID, and the per-route request metrics."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, routes: frozenset[str]):
@@ -308,9 +309,11 @@ class RequestLog:
             route = path if path in self.routes else "other"
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.request_seconds.labels(route).observe(ms / 1000)
-            access_log.info("%s %s %d %.1fms id=%s", scope["method"], path, status, ms, request_id,
+            length = dict(scope["headers"]).get(b"content-length", b"0")
+            bytes_in = int(length) if length.isdigit() else 0
+            access_log.info("%s %s %d %.1fms in=%dB id=%s", scope["method"], path, status, ms, bytes_in, request_id,
                             extra={"request_id": request_id, "method": scope["method"], "path": path,
-                                   "status": status, "ms": round(ms, 1)})
+                                   "status": status, "ms": round(ms, 1), "bytes_in": bytes_in})
 
 
 def _one_line_startup_failure(scope: Scope, send: Send) -> Send:

@@ -22,9 +22,9 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from PIL import Image
 
@@ -119,7 +119,7 @@ async def _download_one(session, url: str, dest_dir: Path, max_bytes: int) -> bo
             if resp.status != 200:
                 return False
             body = await resp.content.read(max_bytes + 1)
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+    except (TimeoutError, aiohttp.ClientError, ValueError):
         return False
     if len(body) > max_bytes:
         return False
@@ -216,9 +216,8 @@ def train(dls, arch: Callable, epochs: int, freeze_epochs: int, pretrained: bool
     import matplotlib
 
     matplotlib.use("Agg")
-    from fastai.vision.all import ClassificationInterpretation, accuracy, error_rate, vision_learner
-
     import torch
+    from fastai.vision.all import ClassificationInterpretation, accuracy, error_rate, vision_learner
 
     # train_bn=False: while the body is frozen its BatchNorm layers stay frozen too, so the frozen
     # epochs need no backward pass through the body (4x cheaper on a 2-core CPU).

@@ -59,8 +59,19 @@ def photo(size: tuple[int, int]) -> bytes:
 
 def resnet34_export(folder: Path) -> Path:
     """A resnet34 learner with random weights and the bear classes, for timing only."""
-    from fastai.vision.all import (CategoryBlock, DataBlock, ImageBlock, Learner, Normalize, RandomResizedCrop,
-                                   accuracy, create_vision_model, get_image_files, imagenet_stats, parent_label)
+    from fastai.vision.all import (
+        CategoryBlock,
+        DataBlock,
+        ImageBlock,
+        Learner,
+        Normalize,
+        RandomResizedCrop,
+        accuracy,
+        create_vision_model,
+        get_image_files,
+        imagenet_stats,
+        parent_label,
+    )
     from torchvision.models import resnet34
 
     images = folder / "images"
@@ -163,8 +174,8 @@ def bare_forward_rate(model: Path, batch: int, seconds: float = 4.0) -> dict[str
     import torch
     from fastai.learner import load_learner
 
-    from app.predictor import build_predictor
     from app.model_store import sha256_file
+    from app.predictor import build_predictor
 
     threads = os.cpu_count() or 1
     learn = load_learner(model, cpu=True)
@@ -253,7 +264,8 @@ def bench_model(label: str, model: Path, images: dict[str, Path], levels: list[i
                      f"{rates['onnx']:.1f} img/s; ours at concurrency {levels[-1]} (640x480) reaches "
                      f"{ours_rps / best:.0%} of the faster one")
     rates1 = bare_forward_rate(model, 1)
-    lines.append(f"bare forward pass at batch 1: torch {rates1['torch']:.1f} img/s, ONNX Runtime {rates1['onnx']:.1f} img/s")
+    lines.append(f"bare forward pass at batch 1: torch {rates1['torch']:.1f} img/s, "
+                 f"ONNX Runtime {rates1['onnx']:.1f} img/s")
     return lines
 
 

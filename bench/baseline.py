@@ -30,7 +30,7 @@ async def upload(request):
     img = PILImage.create(await form["file"].read())
     with learn.no_bar():
         _, _, probs = learn.predict(img)
-    ranked = sorted(zip(learn.dls.vocab, map(float, probs)), key=lambda p: -p[1])
+    ranked = sorted(zip(learn.dls.vocab, map(float, probs), strict=True), key=lambda p: -p[1])
     return JSONResponse({"predictions": ranked})
 
 

@@ -33,7 +33,7 @@ async def run(url: str, image: bytes, concurrency: int, seconds: float, max_requ
                 async with session.post(url, data=form) as resp:
                     await resp.read()
                     status = resp.status
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 status = type(exc).__name__
             if status == 200:
                 latencies.append(time.perf_counter() - t0)

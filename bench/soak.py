@@ -54,7 +54,7 @@ async def soak(url: str, pid: int, minutes: float, concurrency: int) -> None:
                     if resp.status == 503 and "Retry-After" in resp.headers:
                         retry_after_seen += 1
                         await asyncio.sleep(float(resp.headers["Retry-After"]) * rng.random())
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 statuses[type(exc).__name__] += 1
 
     async def sample() -> None:

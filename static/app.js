@@ -9,9 +9,9 @@ const UNSURE_BELOW = 0.6;          // top probability under this: say the model 
 
 // Friendly words for the default bear model; any other model shows its own labels.
 const BEAR_VERDICTS = {
-  teddys: { answer: "Cuddle it! 🧸", detail: "It's a teddy bear.", cuddly: true },
-  grizzly: { answer: "Don't cuddle! 🐻", detail: "That's a grizzly bear.", cuddly: false },
-  black: { answer: "Don't cuddle! 🐻", detail: "That's a black bear.", cuddly: false },
+  teddys: { answer: "Cuddle it!", detail: "It's a teddy bear.", cuddly: true },
+  grizzly: { answer: "Don't cuddle!", detail: "That's a grizzly bear.", cuddly: false },
+  black: { answer: "Don't cuddle!", detail: "That's a black bear.", cuddly: false },
 };
 
 const state = { classes: [], verdicts: null, busy: 0 };
@@ -24,7 +24,10 @@ function el(tag, className, text) {
   return node;
 }
 
+// Never claim 100% or 0%: a model's probability is an estimate, not a certainty.
 function percent(p) {
+  if (p > 0.99 && p < 1) return ">99%";
+  if (p > 0 && p < 0.01) return "<1%";
   return `${Math.round(p * 100)}%`;
 }
 
@@ -65,6 +68,7 @@ function createCard(title) {
   const figure = el("div", "photo");
   const img = el("img");
   img.alt = `Photo: ${title}`;
+  img.onerror = () => figure.remove(); // not something a browser can show (HEIC, or not a photo)
   figure.append(img);
   const body = el("div", "card-body");
   const name = el("p", "file-name", title);
@@ -88,7 +92,7 @@ function showPredictions(view, predictions) {
   const known = state.verdicts && state.verdicts[topLabel];
   if (topP < UNSURE_BELOW) {
     view.card.classList.add("unsure");
-    verdict.append(el("p", "answer", "Not sure 🤔"),
+    verdict.append(el("p", "answer", "Not sure"),
       el("p", "detail", `The model can't tell. Its best guess is ${topLabel} (${percent(topP)}). Try a clearer photo.`));
   } else if (known) {
     view.card.classList.add(known.cuddly ? "cuddly" : "not-cuddly");
@@ -211,7 +215,6 @@ async function classifyUrl(url) {
   const view = createCard(url);
   view.img.src = url;
   view.img.referrerPolicy = "no-referrer";
-  view.img.onerror = () => view.img.remove();
   view.progress.removeAttribute("value"); // indeterminate: the server is fetching
   view.status.textContent = "Fetching and classifying…";
   setBusy(+1);

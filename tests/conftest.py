@@ -4,7 +4,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from support import ROOT, AppProcess, LocalHTTPServer, make_dataset
 
 OUTPUT = ROOT / "test-output"

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import requests
 from PIL import Image
-
 from support import CLASS_COLOURS, image_bytes, png_claiming, synthetic_image
 
 CLASSES = sorted(CLASS_COLOURS)
@@ -58,7 +55,7 @@ def test_upload_returns_sorted_probabilities_that_match_learn_predict(server, ti
     from app.images import decode_image
 
     _, _, probs = tiny_learner.predict(decode_image(data))
-    expected = {label: float(p) for label, p in zip(tiny_learner.dls.vocab, probs)}
+    expected = {label: float(p) for label, p in zip(tiny_learner.dls.vocab, probs, strict=True)}
     for label, p in predictions:
         assert p == pytest.approx(expected[label], abs=1e-4)
 

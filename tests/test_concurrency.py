@@ -12,18 +12,17 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
+from support import ROOT, AppProcess, image_bytes, synthetic_image
 
 from app.batcher import InferenceWorker, Overloaded
-from support import ROOT, AppProcess, image_bytes, synthetic_image
 
 
 @pytest.fixture(scope="module")
 def slow_export(tiny_export, tmp_path_factory):
     """The tiny model with a layer that sleeps 3 s in every forward pass."""
     from fastai.learner import load_learner
-    from torch import nn
-
     from slow_layer import Sleep
+    from torch import nn
 
     learn = load_learner(tiny_export, cpu=True)
     learn.model = nn.Sequential(Sleep(), learn.model)

@@ -6,7 +6,6 @@ Every hostile server here listens on 127.0.0.1 and every loop is bounded.
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import subprocess
 import sys
@@ -17,7 +16,6 @@ import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from support import ROOT, AppProcess, image_bytes, png_claiming, synthetic_image
 
 GOOD = image_bytes(synthetic_image((200, 40, 40)))
@@ -55,6 +53,7 @@ def post_raw(server, body: bytes, content_type: str) -> requests.Response:
     return requests.post(server.url + "/upload", data=body, headers={"Content-Type": content_type}, timeout=30)
 
 
+FORM = "multipart/form-data; boundary=xyz"
 CORRUPT_PNG = image_bytes(synthetic_image((1, 2, 3)), "PNG")
 CORPUS = {
     "truncated jpeg": (GOOD[: len(GOOD) // 3], 415),
@@ -95,9 +94,9 @@ def test_malformed_multipart_is_400(server, case):
     elif case == "not multipart":
         resp = post_raw(server, GOOD, "image/jpeg")
     elif case == "form field only":
-        resp = post_raw(server, multipart([(b'form-data; name="file"', b"just text")]), "multipart/form-data; boundary=xyz")
+        resp = post_raw(server, multipart([(b'form-data; name="file"', b"just text")]), FORM)
     else:
-        resp = post_raw(server, b"--xyz\r\nContent-Disposition: form-data; name=\"file\"\r\n", "multipart/form-data; boundary=xyz")
+        resp = post_raw(server, b'--xyz\r\nContent-Disposition: form-data; name="file"\r\n', FORM)
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["message"]
     assert_still_serving(server)

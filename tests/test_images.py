@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
+from support import image_bytes, png_claiming, synthetic_image
 
 from app.errors import ApiError
 from app.images import decode_image, to_rgb
-from support import image_bytes, png_claiming, synthetic_image
 
 
 def two_colour(width=80, height=60) -> Image.Image:
@@ -100,7 +100,8 @@ def test_draft_decodes_big_jpegs_smaller_but_never_below_the_request():
     assert min(img.size) >= 448 and max(img.size) < 4000
     assert decode_image(big).size == (4000, 3000)
     # Drafting never applies to formats other than JPEG.
-    assert decode_image(image_bytes(synthetic_image((1, 2, 3), size=(1000, 800)), "PNG"), draft_size=(64, 64)).size == (1000, 800)
+    png = image_bytes(synthetic_image((1, 2, 3), size=(1000, 800)), "PNG")
+    assert decode_image(png, draft_size=(64, 64)).size == (1000, 800)
 
 
 def test_tiny_and_extreme_aspect_ratio_images():

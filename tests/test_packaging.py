@@ -75,3 +75,9 @@ def test_readme_documents_the_commands_and_every_setting():
 def test_ci_script_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci and "chromium" in ci
+
+
+def test_code_passes_ruff():
+    result = subprocess.run([str(VENV_BIN / "ruff"), "check", "app", "bench", "tests"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout

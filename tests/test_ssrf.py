@@ -12,14 +12,14 @@ import ipaddress
 
 import pytest
 import requests
+from inprocess import serve
+from support import AppProcess, LocalHTTPServer, image_bytes, synthetic_image
 from yarl import URL
 
 from app.config import Settings
 from app.errors import ApiError
 from app.fetch import DestinationNotAllowed, GuardedResolver, check_url, literal_address, public_only
 from app.server import create_app
-from inprocess import serve
-from support import AppProcess, LocalHTTPServer, image_bytes, synthetic_image
 
 IMAGE = image_bytes(synthetic_image((200, 40, 40)))
 

@@ -9,9 +9,9 @@ import sys
 import textwrap
 
 import pytest
+from support import LocalHTTPServer, run_app_until_exit
 
 from app.model_store import ModelLoadError, check_model_file, load_model, sha256_file
-from support import LocalHTTPServer, run_app_until_exit
 
 HTML = b"<!DOCTYPE html><html><head><title>Google Drive</title></head><body>Download</body></html>"
 

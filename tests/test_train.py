@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from support import BEARS, NO_BEARS, ROOT, LocalHTTPServer, image_bytes, make_dataset, synthetic_image
 
 from app.model_store import sha256_file
 from app.train import make_dataloaders, verify_images
-from support import BEARS, NO_BEARS, ROOT, LocalHTTPServer, image_bytes, make_dataset, synthetic_image
 
 CLASSES = ["blues", "greens", "reds"]
 
@@ -29,13 +29,15 @@ def test_tiny_training_exports_a_learner_that_loads_in_a_fresh_process(tiny_expo
     assert card["export_sha256"] == sha256_file(tiny_export)
     assert card["images_per_class"] == {c: 10 for c in CLASSES}
     assert sum(map(sum, card["confusion_matrix"]["rows_actual_cols_predicted"])) == card["valid_images"] == 6
-    assert 0 <= card["valid_accuracy"] <= 1 and card["valid_error_rate"] == pytest.approx(1 - card["valid_accuracy"], abs=1e-3)
+    assert 0 <= card["valid_accuracy"] <= 1
+    assert card["valid_error_rate"] == pytest.approx(1 - card["valid_accuracy"], abs=1e-3)
     assert card["versions"]["fastai"] and card["command"].startswith("python -m app.train ")
     image = tmp_path / "probe.jpg"
     synthetic_image((40, 180, 60)).save(image)
     # Only fastai is imported explicitly: whatever the pickle needs must come from the app package.
     script = ("from fastai.learner import load_learner; from PIL import Image; import sys; "
-              "learn = load_learner(sys.argv[1], cpu=True); print(learn.predict(Image.open(sys.argv[2]).convert('RGB'))[0])")
+              "learn = load_learner(sys.argv[1], cpu=True); "
+              "print(learn.predict(Image.open(sys.argv[2]).convert('RGB'))[0])")
     result = subprocess.run([sys.executable, "-c", script, str(tiny_export), str(image)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -63,8 +65,9 @@ def test_url_download_saves_images_and_counts_failures(tmp_path):
     try:
         urls = tmp_path / "teddys.txt"
         urls.write_text("\n".join(server.url(p) for p in ("/bear.jpg", "/gone.jpg", "/page.html")) + "\n")
-        from app.train import download_images, parse_url_specs
         import asyncio
+
+        from app.train import download_images, parse_url_specs
 
         report = asyncio.run(download_images(parse_url_specs([f"teddys={urls}"]), tmp_path / "data", 10,
                                              show_progress=False))
