@@ -166,3 +166,25 @@ def run_app_until_exit(env: dict[str, str], timeout: float = 120) -> subprocess.
     full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(free_port()), **env}
     return subprocess.run([sys.executable, "-m", "app"], cwd=ROOT, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def drawn_teddy(size: int = 640) -> bytes:
+    """A teddy bear drawn with circles: a licence-free photo for screenshots and front-end tests."""
+    from PIL import ImageDraw, ImageFilter
+
+    s = size / 640
+    img = Image.new("RGB", (size, size), (235, 225, 205))
+    draw = ImageDraw.Draw(img)
+    fur, light, dark = (160, 105, 55), (215, 170, 120), (40, 25, 15)
+
+    def oval(box, colour):
+        draw.ellipse(tuple(v * s for v in box), fill=colour)
+
+    for box, colour in [((170, 300, 470, 620), fur), ((230, 380, 410, 560), light), ((110, 330, 210, 450), fur),
+                        ((430, 330, 530, 450), fur), ((170, 540, 290, 640), fur), ((350, 540, 470, 640), fur),
+                        ((190, 60, 450, 320), fur), ((170, 40, 260, 130), fur), ((380, 40, 470, 130), fur),
+                        ((192, 62, 238, 108), light), ((402, 62, 448, 108), light), ((260, 190, 380, 290), light),
+                        ((295, 200, 345, 240), dark), ((250, 140, 280, 170), dark), ((360, 140, 390, 170), dark)]:
+        oval(box, colour)
+    draw.arc(tuple(v * s for v in (285, 225, 355, 275)), 20, 160, fill=dark, width=max(1, int(5 * s)))
+    return image_bytes(img.filter(ImageFilter.GaussianBlur(1.5 * s)), "JPEG", quality=92)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-from support import BEARS, NO_BEARS, AppProcess, image_bytes, synthetic_image
+from support import BEARS, NO_BEARS, AppProcess, drawn_teddy, image_bytes, synthetic_image
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install chromium "
@@ -273,3 +273,13 @@ def test_phone_width_has_no_horizontal_scrolling(bear_server, open_page, screens
     page.screenshot(path=str(screenshots / "phone.png"), full_page=True)
     assert axe_serious_violations(page) == []
 
+
+
+def test_a_drawn_teddy_on_a_phone_says_cuddle_it(bear_server, open_page, screenshots):
+    """The README's screenshot (docs/screenshot.png is a copy of readme.png): no shared photo in it."""
+    view = open_page(bear_server.url, width=360, height=740)
+    view.choose(("teddy.jpg", drawn_teddy(), "image/jpeg"))
+    view.wait_done()
+    assert view.page.inner_text(".card .answer") == "Cuddle it!"
+    assert view.page.locator(".card.cuddly").count() == 1
+    view.page.screenshot(path=str(screenshots / "readme.png"), full_page=True)
