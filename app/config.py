@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.images import MAX_PIXELS
+
 
 class ConfigError(ValueError):
     """An environment variable holds a value that cannot be used."""
@@ -53,7 +55,7 @@ class Settings:
     queue_size: int = 64
     backend: str = "auto"
     cors_origins: tuple[str, ...] = ()
-    max_pixels: int = 50_000_000
+    max_pixels: int = MAX_PIXELS
     shutdown_timeout_s: float = 20
 
     @property

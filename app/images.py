@@ -40,7 +40,11 @@ def too_large(message: str) -> ApiError:
     return ApiError(413, "image_too_large", message)
 
 
-def decode_image(data: bytes, max_pixels: int = 50_000_000, draft_size: tuple[int, int] | None = None) -> Image.Image:
+# Decompression bombs: a few KB of PNG or JPEG can claim billions of pixels.
+MAX_PIXELS = 50_000_000
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, draft_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode `data` to an upright RGB image.
 
     `draft_size` lets JPEG decode at a reduced scale (1/2, 1/4 or 1/8) while staying at least that
@@ -76,9 +80,10 @@ def decode_image(data: bytes, max_pixels: int = 50_000_000, draft_size: tuple[in
 def _upright(img: Image.Image) -> Image.Image:
     """Apply the EXIF orientation: phones often store photos sideways with a rotate-me tag."""
     try:
-        return ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of a photo that is already upright
     except Exception:  # broken EXIF must not lose the photo: use it as stored
-        return img
+        pass
+    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

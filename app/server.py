@@ -34,7 +34,7 @@ from app.config import Settings
 from app.errors import ApiError, error_response
 from app.fetch import AddressPolicy, allow_any, fetch_image_bytes, make_session, parse_url, public_only
 from app.metrics import Metrics
-from app.model_store import LoadedModel, ModelLoadError, load_model
+from app.model_store import ModelLoadError, load_model
 from app.predictor import build_predictor
 
 log = logging.getLogger("app")
@@ -54,11 +54,6 @@ class Runtime:
     policy: AddressPolicy
     session: aiohttp.ClientSession
     classifier: Classifier | None = None
-
-    @property
-    def model(self) -> LoadedModel:
-        assert self.classifier is not None
-        return self.classifier.model
 
 
 def runtime(request: Request) -> Runtime:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from app.model_store import sha256_file
+
 REJECTED_DIR = "_rejected"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 # Pillow's format name -> file suffix for downloaded images.
@@ -36,14 +38,6 @@ FORMAT_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", 
 
 class UsageError(Exception):
     """Bad input from the person running the command: reported in one line, exit status 2."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --- Data ----------------------------------------------------------------------------------------

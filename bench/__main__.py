@@ -92,6 +92,15 @@ def resnet34_export(folder: Path) -> Path:
 # --- Servers -------------------------------------------------------------------------------------
 
 
+def memory_mb(pid: int, field: str = "VmRSS") -> float:
+    """A memory figure of a process from /proc (VmRSS: now, VmHWM: peak), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+
 @dataclass
 class Server:
     name: str
@@ -100,10 +109,7 @@ class Server:
     cold_start_s: float
 
     def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        return memory_mb(self.proc.pid, "VmHWM")
 
     def stop(self) -> None:
         self.proc.terminate()

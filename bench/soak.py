@@ -17,14 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.__main__ import ROOT, photo, start_ours
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from bench.__main__ import ROOT, memory_mb, photo, start_ours
 
 
 async def soak(url: str, pid: int, minutes: float, concurrency: int) -> None:
@@ -60,7 +53,7 @@ async def soak(url: str, pid: int, minutes: float, concurrency: int) -> None:
     async def sample() -> None:
         start = time.monotonic()
         while time.monotonic() < deadline:
-            rss.append((time.monotonic() - start, rss_mb(pid)))
+            rss.append((time.monotonic() - start, memory_mb(pid)))
             await asyncio.sleep(5)
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60),

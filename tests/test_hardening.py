@@ -129,6 +129,20 @@ def test_an_oversized_body_sent_slowly_is_cut_off(server):
     assert_still_serving(server)
 
 
+def test_a_client_that_disconnects_mid_upload_leaves_nothing_behind(server):
+    import socket
+
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=xyz\r\n"
+                         b"Content-Length: 500000\r\n\r\n--xyz\r\nContent-Disposition: form-data; name=\"file\"; "
+                         b"filename=\"a.jpg\"\r\n\r\n" + GOOD[:2000])
+    time.sleep(0.5)
+    metrics = requests.get(server.url + "/metrics").text
+    assert "inference_in_service 0.0" in metrics
+    assert_still_serving(server)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.one_of(st.binary(max_size=2048), st.just(GOOD[:300]).map(lambda b: b + b"\0")),
        filename=st.text(max_size=40), content_type=st.sampled_from(["image/jpeg", "image/png", "text/plain", ""]))
@@ -199,26 +213,24 @@ def huge_length(handler):
     handler.end_headers()
 
 
-BOMB = gzip.compress(b"\0" * (200 * 1024 * 1024), compresslevel=9)  # 200 MB that gzip to ~200 KB
-
-
-def gzip_bomb(handler):
-    handler.send_response(200)
-    handler.send_header("Content-Type", "image/jpeg")
-    handler.send_header("Content-Encoding", "gzip")
-    handler.send_header("Content-Length", str(len(BOMB)))
-    handler.end_headers()
-    handler.wfile.write(BOMB)
-
-
-def gzipped_image(handler):
-    body = gzip.compress(GOOD)
+def send_gzipped(handler, body: bytes) -> None:
     handler.send_response(200)
     handler.send_header("Content-Type", "image/jpeg")
     handler.send_header("Content-Encoding", "gzip")
     handler.send_header("Content-Length", str(len(body)))
     handler.end_headers()
     handler.wfile.write(body)
+
+
+BOMB = gzip.compress(b"\0" * (200 * 1024 * 1024), compresslevel=9)  # 200 MB that gzip to ~200 KB
+
+
+def gzip_bomb(handler):
+    send_gzipped(handler, BOMB)
+
+
+def gzipped_image(handler):
+    send_gzipped(handler, gzip.compress(GOOD))
 
 
 HOSTILE = {

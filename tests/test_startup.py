@@ -92,9 +92,18 @@ def test_version_mismatch_names_installed_and_training_versions(tmp_path):
 
 @pytest.fixture
 def model_host(tiny_export):
+    data = tiny_export.read_bytes()
+
+    def dies_halfway(handler):  # a server (or a network) that fails mid-download
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data[: len(data) // 2])
+
     server = LocalHTTPServer(routes={
-        "/export.pkl": (200, {"Content-Type": "application/octet-stream"}, tiny_export.read_bytes()),
+        "/export.pkl": (200, {"Content-Type": "application/octet-stream"}, data),
         "/share": (200, {"Content-Type": "text/html"}, HTML),
+        "/half.pkl": dies_halfway,
     })
     yield server
     server.close()
@@ -112,6 +121,7 @@ def test_model_url_is_downloaded_checked_and_renamed_into_place(tiny_export, mod
     ("/share", None, "HTML page"),
     ("/missing", None, "HTTP 404"),
     ("/export.pkl", "ab" * 32, "sha256"),
+    ("/half.pkl", None, "downloading MODEL_URL .* failed"),
 ])
 def test_bad_model_url_leaves_no_model_behind(model_host, tmp_path, path, expected_sha, message):
     dest = tmp_path / "export.pkl"
