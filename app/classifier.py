@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -47,9 +48,12 @@ class Classifier:
         image = decode_image(data, self.max_pixels, self.predictor.draft_size)
         return self.predictor.prepare(image)
 
-    async def classify(self, data: bytes) -> Predictions:
+    async def classify(self, read: Callable[[], Awaitable[bytes]]) -> Predictions:
+        """Classify the image that `read` returns. Reading (a fetch of up to MAX_UPLOAD_MB) happens
+        inside the admission limit, so overload bounds memory as well as queueing."""
         try:
             with self.worker.admission():
+                data = await read()
                 loop = asyncio.get_running_loop()
                 array = await loop.run_in_executor(self._decode_pool, self.prepare, data)
                 probs = await self.worker.predict(array)

@@ -10,7 +10,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,10 +140,12 @@ async def classify_url(request: Request) -> JSONResponse:
     url = parse_url(request.query_params.get("url"))
     classifier = ready_classifier(request)
     rt = runtime(request)
-    data = await fetch_image_bytes(rt.session, url, rt.policy, rt.settings.max_upload_bytes,
-                                   rt.settings.fetch_timeout_s)
+
+    def fetch() -> Awaitable[bytes]:
+        return fetch_image_bytes(rt.session, url, rt.policy, rt.settings.max_upload_bytes, rt.settings.fetch_timeout_s)
+
     try:
-        predictions = await classifier.classify(data)
+        predictions = await classifier.classify(fetch)
     except ApiError as exc:
         if exc.status == 415:  # the remote server's fault, not the client's
             message = f"The URL did not return an image we can read. {exc.message}"
@@ -182,8 +184,8 @@ async def upload(request: Request) -> JSONResponse:
         file = form.get("file")
         if not isinstance(file, UploadFile):
             raise ApiError(400, "missing_file", "Send the photo as a multipart/form-data field named 'file'.")
-        data = await file.read()
-    return JSONResponse({"predictions": await classifier.classify(data)})
+        predictions = await classifier.classify(file.read)
+    return JSONResponse({"predictions": predictions})
 
 
 async def index(request: Request) -> Response:
