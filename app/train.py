@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -198,11 +199,22 @@ def make_dataloaders(data: Path, files: list[Path], size: int, bs: int, seed: in
 
 @dataclass
 class TrainResult:
-    learn: object
+    learn: Any
+    interp: Any  # fastai ClassificationInterpretation on the validation set
     seconds: float
-    accuracy: float
-    error_rate: float
-    confusion: list[list[int]]
+
+    @property
+    def confusion(self) -> list[list[int]]:
+        return self.interp.confusion_matrix().tolist()
+
+    @property
+    def accuracy(self) -> float:
+        matrix = self.interp.confusion_matrix()
+        return float(matrix.trace() / max(1, matrix.sum()))
+
+    @property
+    def error_rate(self) -> float:
+        return 1.0 - self.accuracy
 
 
 def train(dls, arch: Callable, epochs: int, freeze_epochs: int, pretrained: bool, lr: float,
@@ -227,16 +239,14 @@ def train(dls, arch: Callable, epochs: int, freeze_epochs: int, pretrained: bool
             learn.fine_tune(epochs, base_lr=lr, freeze_epochs=freeze_epochs)
     seconds = time.perf_counter() - start
     with learn.no_bar():
-        _, acc, err = learn.validate()
-        interp = ClassificationInterpretation.from_learner(learn)
-    learn.interp = interp  # kept only until the plots are written, removed before export
-    return TrainResult(learn, seconds, float(acc), float(err), interp.confusion_matrix().tolist())
+        interp = ClassificationInterpretation.from_learner(learn)  # one pass over the validation set
+    return TrainResult(learn, interp, seconds)
 
 
 def save_plots(result: TrainResult, out: Path) -> None:
     import matplotlib.pyplot as plt
 
-    interp = result.learn.interp
+    interp = result.interp
     interp.plot_confusion_matrix(figsize=(5, 5))
     plt.savefig(out / "confusion-matrix.png", bbox_inches="tight", dpi=100)
     plt.close("all")
@@ -248,7 +258,6 @@ def save_plots(result: TrainResult, out: Path) -> None:
 
 def export(result: TrainResult, out: Path) -> Path:
     learn = result.learn
-    del learn.interp
     learn.path = out
     path = out / "export.pkl"
     learn.export(path.resolve())
