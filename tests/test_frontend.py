@@ -283,3 +283,19 @@ def test_a_drawn_teddy_on_a_phone_says_cuddle_it(bear_server, open_page, screens
     assert view.page.inner_text(".card .answer") == "Cuddle it!"
     assert view.page.locator(".card.cuddly").count() == 1
     view.page.screenshot(path=str(screenshots / "readme.png"), full_page=True)
+
+
+def test_the_photo_is_shown_upright_as_the_server_sees_it(server, open_page):
+    """A sideways-stored phone photo (EXIF orientation 6) is displayed upright, both as uploaded
+    and after in-browser downscaling."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for size, expected in (((80, 60), (60, 80)), ((2400, 1800), (768, 1024))):
+        stored = synthetic_image((200, 40, 40), size=size)
+        data = image_bytes(stored, "JPEG", exif=exif, quality=90)
+        view = open_page(server.url)
+        view.choose(("sideways.jpg", data, "image/jpeg"))
+        view.wait_done()
+        shown = view.page.evaluate("() => { const i = document.querySelector('.card img');"
+                                   " return [i.naturalWidth, i.naturalHeight]; }")
+        assert tuple(shown) == expected
