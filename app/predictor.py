@@ -297,7 +297,10 @@ def build_predictor(learn: Any, model_path: Path, sha256: str, threads: int, bac
             used = "onnx"
         except Exception as exc:  # any exporter or runtime failure: serve with torch instead
             if backend == "onnx":
-                raise
+                from app.model_store import ModelLoadError
+
+                raise ModelLoadError(f"INFERENCE_BACKEND=onnx, but the ONNX path is unusable for this model "
+                                     f"({type(exc).__name__}: {exc}); use auto or torch") from None
             log.warning("ONNX path unusable, serving with torch (%s: %s)", type(exc).__name__, exc)
             run = torch_run
 

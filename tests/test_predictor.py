@@ -100,6 +100,10 @@ def test_a_model_whose_onnx_export_differs_is_served_with_torch(tiny_export, mod
     predictor = build_predictor(learn, model_copy, sha256_file(model_copy), threads=1)
     assert predictor.backend == "torch"
     assert "ONNX path unusable, serving with torch" in caplog.text
+    from app.model_store import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="INFERENCE_BACKEND=onnx"):
+        build_predictor(learn, model_copy, sha256_file(model_copy), threads=1, backend="onnx")
 
 
 @pytest.mark.skipif(not BEARS.is_dir(), reason=NO_BEARS)
