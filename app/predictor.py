@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from app.model_store import ModelLoadError
+
 log = logging.getLogger("app.predictor")
 
 Preprocess = Callable[[Image.Image], np.ndarray]
@@ -297,8 +299,6 @@ def build_predictor(learn: Any, model_path: Path, sha256: str, threads: int, bac
             used = "onnx"
         except Exception as exc:  # any exporter or runtime failure: serve with torch instead
             if backend == "onnx":
-                from app.model_store import ModelLoadError
-
                 raise ModelLoadError(f"INFERENCE_BACKEND=onnx, but the ONNX path is unusable for this model "
                                      f"({type(exc).__name__}: {exc}); use auto or torch") from None
             log.warning("ONNX path unusable, serving with torch (%s: %s)", type(exc).__name__, exc)

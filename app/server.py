@@ -287,7 +287,8 @@ class RequestLog:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
-        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        headers = dict(scope["headers"])
+        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
         status = 500
 
@@ -306,7 +307,7 @@ class RequestLog:
             route = path if path in self.routes else "other"
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.request_seconds.labels(route).observe(ms / 1000)
-            length = dict(scope["headers"]).get(b"content-length", b"0")
+            length = headers.get(b"content-length", b"0")
             bytes_in = int(length) if length.isdigit() else 0
             access_log.info("%s %s %d %.1fms in=%dB id=%s", scope["method"], path, status, ms, bytes_in, request_id,
                             extra={"request_id": request_id, "method": scope["method"], "path": path,
