@@ -1,8 +1,9 @@
 """`python -m app`: serve the model with uvicorn, configured from the environment.
 
-`python -m app --check` loads the model exactly as the server would (and compiles its ONNX copy),
-then exits: 0 if it can be served, 3 with the one-line reason if not. The Dockerfile runs it so a
-broken model fails the image build.
+`python -m app --check` loads the model as a first start of the server would (compiling its ONNX
+copy and recording that it answers like the learner, so that later starts are fast), then exits:
+0 if it can be served, 3 with the one-line reason if not. The Dockerfile runs it so a broken model
+fails the image build.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import uvicorn
 
 from app.config import ConfigError, Settings
 from app.logs import configure_logging
-from app.server import create_app, load_classifier
+from app.server import create_app
 
 STARTUP_FAILURE = 3  # uvicorn's exit status when the application fails to start
 
@@ -23,13 +24,19 @@ STARTUP_FAILURE = 3  # uvicorn's exit status when the application fails to start
 def check(settings: Settings) -> int:
     from app.metrics import Metrics
     from app.model_store import ModelLoadError
+    from app.startup import Serving, start_serving
+
+    async def load() -> Serving:
+        serving = await start_serving(settings, Metrics(), fast_start=False)
+        await serving.stop()
+        return serving
 
     try:
-        classifier = asyncio.run(load_classifier(settings, Metrics()))
+        classifier = asyncio.run(load()).classifier
     except ModelLoadError as exc:
         print(f"cannot serve the model: {exc}", file=sys.stderr)
         return STARTUP_FAILURE
-    print(f"ok: {settings.model_path} classes={classifier.model.vocab} backend={classifier.predictor.backend}")
+    print(f"ok: {settings.model_path} classes={classifier.vocab} backend={classifier.predictor.backend}")
     return 0
 
 

@@ -12,7 +12,7 @@ from app.batcher import InferenceWorker, Overloaded
 from app.errors import ApiError
 from app.images import decode_image
 from app.metrics import Metrics
-from app.model_store import LoadedModel
+from app.model_store import ModelFile
 from app.predictor import Predictor
 
 Predictions = list[list[str | float]]
@@ -25,17 +25,25 @@ def ranked(vocab: list[str], probs: np.ndarray) -> Predictions:
 
 
 class Classifier:
-    def __init__(self, model: LoadedModel, predictor: Predictor, *, threads: int, max_batch: int,
+    def __init__(self, file: ModelFile, vocab: list[str], predictor: Predictor, *, threads: int, max_batch: int,
                  queue_size: int, max_pixels: int, metrics: Metrics):
-        self.model = model
+        self.file = file
+        self.vocab = vocab
         self.predictor = predictor
         self.max_pixels = max_pixels
         self.metrics = metrics
-        self.worker = InferenceWorker(predictor.infer, max_batch, queue_size, metrics.observe_batch)
+        self.worker = InferenceWorker(self._infer, max_batch, queue_size, metrics.observe_batch)
         # Decoding is CPU work too: as many threads as cores, no more, so a burst of 12 MP photos
         # cannot hold dozens of decoded images in memory at once.
         self._decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         metrics.in_service.set_function(lambda: self.worker.in_service)
+
+    def use(self, predictor: Predictor, vocab: list[str]) -> None:
+        """Serve with another predictor from now on (see app.startup)."""
+        self.predictor, self.vocab = predictor, vocab
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.predictor.infer(batch)
 
     def start(self) -> None:
         self.worker.start()
@@ -61,4 +69,4 @@ class Classifier:
             self.metrics.rejected.inc()
             raise ApiError(503, "overloaded", "The server is busy; try again in a moment.",
                            {"Retry-After": "1"}) from None
-        return ranked(self.model.vocab, probs)
+        return ranked(self.vocab, probs)

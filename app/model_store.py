@@ -28,12 +28,25 @@ class ModelLoadError(Exception):
 
 
 @dataclass(frozen=True)
+class ModelFile:
+    """An export on disk that passed the cheap checks (present, not HTML, the expected hash)."""
+
+    path: Path
+    sha256: str
+    card: dict | None
+
+
+@dataclass(frozen=True)
 class LoadedModel:
     learn: Any
     path: Path
     sha256: str
     vocab: list[str]
     card: dict | None
+
+    @property
+    def file(self) -> ModelFile:
+        return ModelFile(self.path, self.sha256, self.card)
 
 
 def sha256_file(path: Path) -> str:
@@ -175,17 +188,26 @@ def warn_on_version_drift(card: dict | None) -> None:
                     "pin the same versions if predictions look wrong", _version_hint(card))
 
 
-async def load_model(model_path: Path, model_url: str | None, expected_sha256: str | None) -> LoadedModel:
-    import asyncio
-
+async def fetch_model_file(model_path: Path, model_url: str | None, expected_sha256: str | None) -> ModelFile:
+    """Download the export if it is missing and a URL is set, then check it."""
     if not model_path.exists() and model_url:
         await download_model(model_url, model_path, expected_sha256)
     sha256 = check_model_file(model_path, expected_sha256)
-    card = read_model_card(model_path)
-    learn = await asyncio.to_thread(load_learner_checked, model_path, card)
-    warn_on_version_drift(card)
+    return ModelFile(model_path, sha256, read_model_card(model_path))
+
+
+def load_learner_from(file: ModelFile) -> LoadedModel:
+    """Unpickle the learner (slow: imports torch and fastai) and read its class vocabulary."""
+    learn = load_learner_checked(file.path, file.card)
+    warn_on_version_drift(file.card)
     vocab = [str(label) for label in getattr(learn.dls, "vocab", [])]
     if not vocab:
-        raise ModelLoadError(f"{model_path} has no class vocabulary: only classifiers can be served")
-    return LoadedModel(learn=learn, path=model_path, sha256=sha256, vocab=vocab, card=card)
+        raise ModelLoadError(f"{file.path} has no class vocabulary: only classifiers can be served")
+    return LoadedModel(learn=learn, path=file.path, sha256=file.sha256, vocab=vocab, card=file.card)
 
+
+async def load_model(model_path: Path, model_url: str | None, expected_sha256: str | None) -> LoadedModel:
+    import asyncio
+
+    file = await fetch_model_file(model_path, model_url, expected_sha256)
+    return await asyncio.to_thread(load_learner_from, file)

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +84,17 @@ class FastPreprocess:
 
     resize: ResizeStep
     divisor: float
-    mean: np.ndarray  # shape (3, 1, 1)
-    std: np.ndarray
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    _table: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Each output value depends only on one uint8 and its channel, so a 3x256 table holds every
+        # possible result of fastai's float32 `x / div` then `(x - mean) / std`: looking values up
+        # gives the same numbers in half the time of computing them per pixel.
+        levels = np.arange(256, dtype=np.float32)[None, :] / np.float32(self.divisor)
+        table = (levels - np.float32(self.mean)[:, None]) / np.float32(self.std)[:, None]
+        object.__setattr__(self, "_table", table.astype(np.float32))
 
     @property
     def draft_size(self) -> tuple[int, int]:
@@ -97,9 +106,30 @@ class FastPreprocess:
         return side, side
 
     def __call__(self, img: Image.Image) -> np.ndarray:
-        arr = np.asarray(self.resize(img), dtype=np.float32).transpose(2, 0, 1)
-        arr = arr / np.float32(self.divisor)
-        return ((arr - self.mean) / self.std).astype(np.float32, copy=False)
+        pixels = np.asarray(self.resize(img))  # (height, width, 3) uint8
+        out = np.empty((3, *pixels.shape[:2]), np.float32)
+        for channel in range(3):
+            np.take(self._table[channel], pixels[:, :, channel], out=out[channel])
+        return out
+
+    def spec(self) -> dict[str, Any]:
+        """A JSON-ready description, from which `from_spec` rebuilds an identical step."""
+        return {"kind": self.resize.kind, "size": list(self.resize.size), "resample": self.resize.resample,
+                "val_xtra": self.resize.val_xtra, "divisor": self.divisor, "mean": list(self.mean),
+                "std": list(self.std)}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> FastPreprocess:
+        resize = ResizeStep(str(spec["kind"]), (int(spec["size"][0]), int(spec["size"][1])), int(spec["resample"]),
+                            float(spec["val_xtra"]))
+        if resize.kind not in ("crop", "squish", "pad", "rrc"):
+            raise ValueError(f"unknown resize kind {resize.kind!r}")
+        return cls(resize, float(spec["divisor"]), _rgb(spec["mean"]), _rgb(spec["std"]))
+
+
+def _rgb(values: Any) -> tuple[float, float, float]:
+    r, g, b = (float(v) for v in values)
+    return r, g, b
 
 
 def fast_preprocess_from(learn: Any) -> tuple[FastPreprocess | None, str]:
@@ -114,18 +144,19 @@ def fast_preprocess_from(learn: Any) -> tuple[FastPreprocess | None, str]:
         ToTensor,
     )
 
-    resize, divisor, mean, std = None, 1.0, np.zeros((3, 1, 1), np.float32), np.ones((3, 1, 1), np.float32)
+    resize: ResizeStep | None = None
+    divisor, mean, std = 1.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     dl = learn.dls.valid if hasattr(learn.dls, "valid") else learn.dls[0]
     for tfm in [*dl.after_item.fs, *dl.after_batch.fs]:
         if getattr(tfm, "split_idx", None) == 0:
             continue  # training-only augmentation
         if isinstance(tfm, RandomResizedCrop) and resize is None:
-            resize = ResizeStep("rrc", tuple(tfm.size), tfm.mode, tfm.val_xtra)
+            resize = ResizeStep("rrc", _size(tfm.size), int(tfm.mode), float(tfm.val_xtra))
         elif isinstance(tfm, Resize) and resize is None:
             if tfm.method == ResizeMethod.Pad and str(tfm.pad_mode) != "zeros":
                 return None, f"Resize pad_mode {tfm.pad_mode!r} is not reproduced"
             kind = {ResizeMethod.Crop: "crop", ResizeMethod.Squish: "squish", ResizeMethod.Pad: "pad"}[tfm.method]
-            resize = ResizeStep(kind, tuple(tfm.size), tfm.mode)
+            resize = ResizeStep(kind, _size(tfm.size), int(tfm.mode))
         elif isinstance(tfm, ToTensor):
             continue
         elif isinstance(tfm, AffineCoordTfm) and tfm.size is None:
@@ -137,13 +168,18 @@ def fast_preprocess_from(learn: Any) -> tuple[FastPreprocess | None, str]:
         elif isinstance(tfm, Normalize):
             if tfm.mean is None or tfm.mean.numel() != 3:
                 return None, "Normalize is not per-channel RGB"
-            mean = tfm.mean.detach().cpu().numpy().reshape(3, 1, 1).astype(np.float32)
-            std = tfm.std.detach().cpu().numpy().reshape(3, 1, 1).astype(np.float32)
+            mean = _rgb(tfm.mean.detach().cpu().flatten().tolist())
+            std = _rgb(tfm.std.detach().cpu().flatten().tolist())
         else:
             return None, f"transform {type(tfm).__name__} applies at inference and is not reproduced"
     if resize is None:
         return None, "no Resize or RandomResizedCrop transform: input sizes would vary"
     return FastPreprocess(resize, divisor, mean, std), ""
+
+
+def _size(size: Any) -> tuple[int, int]:
+    width, height = (int(v) for v in size)
+    return width, height
 
 
 def fastai_preprocess(learn: Any) -> Preprocess:
@@ -188,12 +224,15 @@ def export_onnx(model: Any, sample: np.ndarray, dest: Path) -> None:
             model.eval(), (torch.from_numpy(sample),), buffer, input_names=["input"], output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
         )
-    _write_atomically(dest, buffer.getvalue())
+    write_atomically(dest, buffer.getvalue())
 
 
-def _write_atomically(dest: Path, data: bytes) -> None:
+def write_atomically(dest: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
     try:
+        # mkstemp's 0600 would hide the file from a server running as another user than the one
+        # that compiled it (the Dockerfile compiles as root and serves as an unprivileged user).
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -240,21 +279,41 @@ class Predictor:
     backend: str
     preprocessing: str
     draft_size: tuple[int, int] | None
+    activation: str = "custom"  # "softmax", "sigmoid", or "custom" (the learner's own, run by torch)
+    onnx_path: Path | None = None  # the compiled model file, when it outlives this process
 
 
-def activation(learn: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """The loss function's activation (softmax for single-label classifiers), as learn.predict
-    applies it."""
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-logits))
+
+
+ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"softmax": softmax, "sigmoid": sigmoid}
+
+
+def activation(learn: Any) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
+    """The loss function's activation as learn.predict applies it (softmax for single-label
+    classifiers, sigmoid for multi-label ones), named when NumPy reproduces it, so that a compiled
+    model can be served without torch."""
     import torch
 
     act = getattr(learn.loss_func, "activation", None)
+    if act is None:
+        return "softmax", softmax
 
-    def apply(logits: np.ndarray) -> np.ndarray:
-        if act is None:
-            return torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+    def learners_own(logits: np.ndarray) -> np.ndarray:
         return np.asarray(act(torch.from_numpy(logits)), dtype=np.float32)
 
-    return apply
+    probe = np.random.default_rng(0).normal(0, 4, (4, 5)).astype(np.float32)
+    expected = learners_own(probe)
+    for name, fn in ACTIVATIONS.items():
+        if np.abs(fn(probe) - expected).max() <= 1e-6:
+            return name, fn
+    return "custom", learners_own
 
 
 def sample_image() -> Image.Image:
@@ -285,14 +344,14 @@ def build_predictor(learn: Any, model_path: Path, sha256: str, threads: int, bac
         prepare, preprocessing, draft = reference, "fastai", None
 
     model = learn.model.eval()
-    to_probs = activation(learn)
+    activation_name, to_probs = activation(learn)
     torch_run = torch_runner(model, threads)
     batch = expected_input[None]
     expected_logits = torch_run(batch)
-    run, used = torch_run, "torch"
+    run, used, onnx_path = torch_run, "torch", None
     if backend in ("auto", "onnx"):
         try:
-            run = _onnx_with_cache(model, batch, model_path, sha256, threads)
+            run, onnx_path = _onnx_with_cache(model, batch, model_path, sha256, threads)
             diff = float(np.abs(run(batch) - expected_logits).max())
             if diff > 1e-3:
                 raise ValueError(f"ONNX output differs from torch by {diff:.2g}")
@@ -302,28 +361,31 @@ def build_predictor(learn: Any, model_path: Path, sha256: str, threads: int, bac
                 raise ModelLoadError(f"INFERENCE_BACKEND=onnx, but the ONNX path is unusable for this model "
                                      f"({type(exc).__name__}: {exc}); use auto or torch") from None
             log.warning("ONNX path unusable, serving with torch (%s: %s)", type(exc).__name__, exc)
-            run = torch_run
+            run, onnx_path = torch_run, None
 
     def infer(x: np.ndarray) -> np.ndarray:
         return to_probs(run(x))
 
-    return Predictor(prepare=prepare, infer=infer, backend=used, preprocessing=preprocessing, draft_size=draft)
+    return Predictor(prepare=prepare, infer=infer, backend=used, preprocessing=preprocessing, draft_size=draft,
+                     activation=activation_name, onnx_path=onnx_path)
 
 
-def _onnx_with_cache(model: Any, batch: np.ndarray, model_path: Path, sha256: str, threads: int):
+def _onnx_with_cache(model: Any, batch: np.ndarray, model_path: Path, sha256: str,
+                     threads: int) -> tuple[Callable[[np.ndarray], np.ndarray], Path | None]:
+    """An ONNX Runtime runner and the cache file it was loaded from (None if it could not be kept)."""
     cache = onnx_cache_path(model_path, sha256)
     if cache.exists():
         try:
-            return onnx_runner(cache, threads)
+            return onnx_runner(cache, threads), cache
         except Exception as exc:  # unreadable or truncated cache: rebuild it below
             log.warning("ignoring unreadable ONNX cache %s (%s)", cache, exc)
     try:
         export_onnx(model, batch, cache)
         log.info("compiled model to %s", cache)
-        return onnx_runner(cache, threads)
+        return onnx_runner(cache, threads), cache
     except PermissionError:
         # Read-only model folder: compile to a temporary file for this process only.
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / cache.name
             export_onnx(model, batch, path)
-            return onnx_runner(path, threads)
+            return onnx_runner(path, threads), None

@@ -5,7 +5,6 @@ Handlers stay thin: decoding, fetching and prediction live in their own modules.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -34,8 +33,8 @@ from app.config import Settings
 from app.errors import ApiError, error_response
 from app.fetch import AddressPolicy, allow_any, fetch_image_bytes, make_session, parse_url, public_only
 from app.metrics import Metrics
-from app.model_store import ModelLoadError, load_model
-from app.predictor import build_predictor
+from app.model_store import ModelLoadError
+from app.startup import Serving, start_serving
 
 log = logging.getLogger("app")
 access_log = logging.getLogger("app.access")
@@ -53,19 +52,23 @@ class Runtime:
     settings: Settings
     policy: AddressPolicy
     session: aiohttp.ClientSession
-    classifier: Classifier | None = None
+    serving: Serving | None = None
 
 
 def runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-def ready_classifier(request: Request) -> Classifier:
+def ready_serving(request: Request) -> Serving:
     rt = request.app.state.runtime
-    classifier = rt.classifier if rt is not None else None
-    if classifier is None or not request.app.state.ready:
+    serving = rt.serving if rt is not None else None
+    if serving is None or not request.app.state.ready:
         raise ApiError(503, "not_ready", "The model is not loaded yet; try again shortly.", {"Retry-After": "5"})
-    return classifier
+    return serving
+
+
+def ready_classifier(request: Request) -> Classifier:
+    return ready_serving(request).classifier
 
 
 # --- Routes --------------------------------------------------------------------------------------
@@ -88,7 +91,7 @@ async def readyz(request: Request) -> JSONResponse:
       503:
         description: Starting up or shutting down.
     """
-    ready_classifier(request)
+    ready_serving(request)
     return JSONResponse({"status": "ready"})
 
 
@@ -96,19 +99,22 @@ async def model_info(request: Request) -> JSONResponse:
     """
     responses:
       200:
-        description: Classes in vocab order, the model file's sha256, and its model card.
+        description: Classes in vocab order, the model file's sha256, how it is served, whether the
+          learner behind it is loaded yet (a restart serves a checked compiled model first), and
+          its model card.
       503:
         description: The model is not loaded yet.
     """
-    classifier = ready_classifier(request)
-    model = classifier.model
+    serving = ready_serving(request)
+    classifier = serving.classifier
     return JSONResponse({
-        "classes": model.vocab,
-        "file": model.path.name,
-        "sha256": model.sha256,
+        "classes": classifier.vocab,
+        "file": classifier.file.path.name,
+        "sha256": classifier.file.sha256,
         "backend": classifier.predictor.backend,
         "preprocessing": classifier.predictor.preprocessing,
-        "card": model.card,
+        "learner": serving.learner,
+        "card": classifier.file.card,
     })
 
 
@@ -341,21 +347,23 @@ def create_app(settings: Settings, policy: AddressPolicy | None = None,
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.runtime = Runtime(settings, policy, make_session(policy, settings.fetch_timeout_s, resolver))
         try:
-            classifier = await load_classifier(settings, metrics_)
-            classifier.start()
+            serving = await start_serving(settings, metrics_)
         except ModelLoadError as exc:
             app.state.startup_error = f"cannot serve the model: {exc}"
             await app.state.runtime.session.close()
             raise
-        app.state.runtime.classifier = classifier
+        app.state.runtime.serving = serving
         app.state.ready = True
-        log.info("ready: %s (%s, %s preprocessing) classes=%s", classifier.model.path,
-                 classifier.predictor.backend, classifier.predictor.preprocessing, classifier.model.vocab)
+        classifier = serving.classifier
+        log.info("ready: %s (%s, %s preprocessing%s) classes=%s", classifier.file.path, classifier.predictor.backend,
+                 classifier.predictor.preprocessing,
+                 "; the compiled model checked on an earlier start, learner loading in the background"
+                 if serving.learner == "loading" else "", classifier.vocab)
         try:
             yield
         finally:
             app.state.ready = False
-            await asyncio.to_thread(classifier.stop)
+            await serving.stop()
             await app.state.runtime.session.close()
 
     routes = [
@@ -393,14 +401,3 @@ def create_app(settings: Settings, policy: AddressPolicy | None = None,
     app.state.metrics = metrics_
     app.state.runtime = None
     return app
-
-
-async def load_classifier(settings: Settings, metrics_: Metrics) -> Classifier:
-    """Load and check the model and build its predictor (not started)."""
-    model = await load_model(settings.model_path, settings.model_url, settings.model_sha256)
-    predictor = await asyncio.to_thread(build_predictor, model.learn, model.path, model.sha256,
-                                        settings.threads, settings.backend)
-    metrics_.model.info({"file": model.path.name, "sha256": model.sha256, "backend": predictor.backend,
-                         "classes": ",".join(model.vocab)})
-    return Classifier(model, predictor, threads=settings.threads, max_batch=settings.max_batch,
-                      queue_size=settings.queue_size, max_pixels=settings.max_pixels, metrics=metrics_)

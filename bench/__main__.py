@@ -101,12 +101,19 @@ def memory_mb(pid: int, field: str = "VmRSS") -> float:
 
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Server:
     name: str
     proc: subprocess.Popen
     url: str
     cold_start_s: float
+    learner_s: float  # until the learner is loaded: later than ready when a checked compiled model is served first
 
     def peak_rss_mb(self) -> float:
         return memory_mb(self.proc.pid, "VmHWM")
@@ -129,13 +136,18 @@ def start(name: str, command: list[str], env: dict[str, str], port: int) -> Serv
             raise RuntimeError(f"{name} exited with {proc.returncode}")
         try:
             if requests.get(url + "/readyz", timeout=1).status_code == 200:
-                return Server(name, proc, url, time.perf_counter() - t0)
+                break
         except requests.ConnectionError:
             pass
         if time.perf_counter() - t0 > 300:
             proc.kill()
             raise RuntimeError(f"{name} did not become ready")
         time.sleep(0.05)
+    ready = time.perf_counter() - t0
+    # Measure nothing while ours is still loading the learner in the background.
+    while name.startswith("ours") and requests.get(url + "/model", timeout=5).json()["learner"] == "loading":
+        time.sleep(0.1)
+    return Server(name, proc, url, ready, time.perf_counter() - t0)
 
 
 def start_ours(model: Path, **env: str) -> Server:
@@ -159,24 +171,31 @@ class LoadResult:
     rps: float
     ok: int
     errors: dict
+    server_cpu_ms: float  # CPU time per answered request, all threads: of the server...
+    client_cpu_ms: float  # ...and of the load generator, which runs on the same cores
 
     @classmethod
     def run(cls, server: Server, image: Path, concurrency: int, seconds: float, max_requests: int) -> LoadResult:
         # Warm-up, so that lazy initialisation is not charged to the first measured request.
         for _ in range(2):
             requests.post(server.url + "/upload", files={"file": ("w.jpg", image.read_bytes())}, timeout=120)
+        cpu_before = cpu_seconds(server.proc.pid)
         out = subprocess.run([sys.executable, "-m", "bench.load", server.url + "/upload", str(image),
                               str(concurrency), str(seconds), str(max_requests)],
                              cwd=ROOT, capture_output=True, text=True, check=True)
+        server_cpu = cpu_seconds(server.proc.pid) - cpu_before
         data = json.loads(out.stdout)
         lat = np.array(data["latencies"]) * 1000
+        n = max(len(lat), 1)
         return cls(float(np.percentile(lat, 50)) if len(lat) else float("nan"),
                    float(np.percentile(lat, 99)) if len(lat) else float("nan"),
-                   len(lat) / data["elapsed"], len(lat), data["errors"])
+                   len(lat) / data["elapsed"], len(lat), data["errors"], server_cpu * 1000 / n,
+                   data["cpu_s"] * 1000 / n)
 
 
 def bare_forward_rate(model: Path, batch: int, seconds: float = 4.0) -> dict[str, float]:
-    """Images per second of the model alone (no decoding, no HTTP) with torch and ONNX Runtime."""
+    """Images per second of the model alone (no decoding, no HTTP) with torch and ONNX Runtime,
+    and the CPU milliseconds per image of the ONNX Runtime run ("onnx_cpu_ms")."""
     import torch
     from fastai.learner import load_learner
 
@@ -193,11 +212,12 @@ def bare_forward_rate(model: Path, batch: int, seconds: float = 4.0) -> dict[str
         runners = {"torch": lambda: learn.model.eval()(torch.from_numpy(x)), "onnx": lambda: predictor.infer(x)}
         for name, fn in runners.items():
             fn()
-            n, t0 = 0, time.perf_counter()
+            n, t0, cpu0 = 0, time.perf_counter(), time.process_time()
             while time.perf_counter() - t0 < seconds:
                 fn()
                 n += batch
             rates[name] = n / (time.perf_counter() - t0)
+            rates[name + "_cpu_ms"] = (time.process_time() - cpu0) * 1000 / n
     return rates
 
 
@@ -221,9 +241,8 @@ def decode_times(data: bytes, repeat: int = 10) -> tuple[float, float]:
 def bench_model(label: str, model: Path, images: dict[str, Path], levels: list[int], seconds: float,
                 max_requests: int) -> list[str]:
     lines = [f"\n## {label}: {model.name} ({model.stat().st_size / 1e6:.1f} MB)"]
-    cache = model.with_name(f"{model.stem}.*.onnx")
-    for old in model.parent.glob(cache.name):
-        old.unlink()
+    for compiled in [*model.parent.glob(f"{model.stem}.*.onnx"), *model.parent.glob(f"{model.stem}.*.onnx.json")]:
+        compiled.unlink()  # a first start: no ONNX cache, no record of its check
     ours = start_ours(model)
     cold_uncached = ours.cold_start_s
     ours.stop()
@@ -247,15 +266,16 @@ def bench_model(label: str, model: Path, images: dict[str, Path], levels: list[i
         ours.stop()
         baseline.stop()
 
-    lines.append(f"cold start to /readyz: ours {ours.cold_start_s:.1f} s with the ONNX cache, "
-                 f"{cold_uncached:.1f} s without; baseline {baseline.cold_start_s:.1f} s")
+    lines.append(f"cold start to /readyz: ours {ours.cold_start_s:.1f} s with the checked ONNX cache (learner "
+                 f"loaded in the background by {ours.learner_s:.1f} s), {cold_uncached:.1f} s on a first start; "
+                 f"baseline {baseline.cold_start_s:.1f} s")
     lines.append(f"peak RSS: ours {rss['ours']:.0f} MB, baseline {rss['baseline']:.0f} MB")
     lines.append("")
-    lines.append("| server | image | conc. | p50 ms | p99 ms | req/s | ok | errors |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|---|")
+    lines.append("| server | image | conc. | p50 ms | p99 ms | req/s | ok | errors | CPU ms/req server + load gen. |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---|---:|")
     for (name, image_name, c), r in results.items():
         lines.append(f"| {name} | {image_name} | {c} | {r.p50_ms:.0f} | {r.p99_ms:.0f} | {r.rps:.1f} | {r.ok} | "
-                     f"{r.errors or '-'} |")
+                     f"{r.errors or '-'} | {r.server_cpu_ms:.1f} + {r.client_cpu_ms:.1f} |")
     lines.append("")
     for image_name in images:
         one = results[("ours", image_name, 1)], results[("baseline", image_name, 1)]
@@ -264,11 +284,14 @@ def bench_model(label: str, model: Path, images: dict[str, Path], levels: list[i
                      f"baseline; throughput at concurrency {levels[-1]} is {top[0].rps / top[1].rps:.1f}x the baseline")
     for max_batch in (8,):
         rates = bare_forward_rate(model, max_batch)
-        best = max(rates.values())
-        ours_rps = results[("ours", "640x480", levels[-1])].rps
+        best = max(rates["torch"], rates["onnx"])
+        top = results[("ours", "640x480", levels[-1])]
         lines.append(f"bare forward pass at batch {max_batch}: torch {rates['torch']:.1f} img/s, ONNX Runtime "
                      f"{rates['onnx']:.1f} img/s; ours at concurrency {levels[-1]} (640x480) reaches "
-                     f"{ours_rps / best:.0%} of the faster one")
+                     f"{top.rps / best:.0%} of the faster one")
+        lines.append(f"CPU per image: the bare ONNX forward pass {rates['onnx_cpu_ms']:.1f} ms; ours per request "
+                     f"{top.server_cpu_ms:.1f} ms in the server + {top.client_cpu_ms:.1f} ms in the load generator "
+                     f"(all of it shares the {os.cpu_count()} cores)")
     rates1 = bare_forward_rate(model, 1)
     lines.append(f"bare forward pass at batch 1: torch {rates1['torch']:.1f} img/s, "
                  f"ONNX Runtime {rates1['onnx']:.1f} img/s")

@@ -40,7 +40,7 @@ def tiny_learner(tiny_export: Path):
 def model_copy(tiny_export: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny export (with its card) that a test may break or move."""
     dest = tmp_path / "model"
-    shutil.copytree(tiny_export.parent, dest, ignore=shutil.ignore_patterns("*.onnx"))
+    shutil.copytree(tiny_export.parent, dest, ignore=shutil.ignore_patterns("*.onnx", "*.onnx.json"))
     return dest / "export.pkl"
 
 

@@ -133,21 +133,26 @@ class AppProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=full_env,
                                      stdout=self._log, stderr=subprocess.STDOUT)
 
-    def wait_ready(self, timeout: float = 120) -> AppProcess:
+    def wait_ready(self, timeout: float = 120, learner: bool = True) -> AppProcess:
+        """Wait for /readyz, and by default also for the learner: a restart serves the checked
+        compiled model first and loads the learner in the background (app/startup.py), which
+        would otherwise run during a test's measurements."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if requests.get(self.url + "/readyz", timeout=1).status_code == 200:
+                response = requests.get(self.url + ("/model" if learner else "/readyz"), timeout=1)
+                if response.status_code == 200 and (not learner or response.json()["learner"] != "loading"):
                     return self
             except requests.ConnectionError:
                 pass
-            time.sleep(0.2)
+            time.sleep(0.1)
         raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 30) -> int:

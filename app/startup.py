@@ -1,0 +1,98 @@
+"""From a model file to a classifier that is serving, on the quickest path that is still safe.
+
+Full path: load the learner (importing torch and fastai), build the fast predictor, check it against
+the learner, and record the passing check next to the compiled model (`app.compiled`).
+
+Fast path, when such a record matches this export and these library versions: serve the compiled
+model at once, and load the learner in the background, where the same check runs again. Either way
+the learner is loaded on every start; on the fast path it no longer holds up readiness. Should the
+learner ever disagree with the record, its own predictor replaces the compiled one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from app.classifier import Classifier
+from app.compiled import Manifest, load_compiled, manifest_for, save_manifest
+from app.config import Settings
+from app.metrics import Metrics
+from app.model_store import LoadedModel, ModelFile, ModelLoadError, fetch_model_file, load_learner_from
+from app.predictor import Predictor, build_predictor
+
+log = logging.getLogger("app")
+
+
+@dataclass
+class Serving:
+    """The running classifier and the state of the learner behind it."""
+
+    classifier: Classifier
+    learner: str  # "loaded", "loading" (fast path, in the background) or "failed: <reason>"
+    model: LoadedModel | None = None
+    background: asyncio.Task | None = None
+
+    async def stop(self) -> None:
+        if self.background is not None:
+            self.background.cancel()
+        await asyncio.to_thread(self.classifier.stop)
+
+
+async def start_serving(settings: Settings, metrics: Metrics, fast_start: bool = True) -> Serving:
+    """A started classifier for the configured model; `ModelLoadError` if it cannot be served."""
+    file = await fetch_model_file(settings.model_path, settings.model_url, settings.model_sha256)
+    compiled = None
+    if fast_start and settings.backend != "torch":
+        compiled = await asyncio.to_thread(load_compiled, file, settings.threads)
+    if compiled is None:
+        model = await asyncio.to_thread(load_learner_from, file)
+        predictor = await asyncio.to_thread(checked_predictor, model, settings)
+        serving = Serving(new_classifier(file, model.vocab, predictor, settings, metrics), "loaded", model)
+    else:
+        serving = Serving(new_classifier(file, compiled.vocab, compiled.predictor, settings, metrics), "loading")
+        serving.background = asyncio.create_task(_load_learner_behind(serving, file, compiled.manifest, settings))
+    serving.classifier.start()
+    return serving
+
+
+def checked_predictor(model: LoadedModel, settings: Settings) -> Predictor:
+    """The fast predictor, checked against the learner, with the check recorded for later starts."""
+    predictor = build_predictor(model.learn, model.path, model.sha256, settings.threads, settings.backend)
+    manifest = manifest_for(model.file, predictor, model.vocab)
+    if manifest is not None:
+        save_manifest(model.file, manifest)
+    return predictor
+
+
+def new_classifier(file: ModelFile, vocab: list[str], predictor: Predictor, settings: Settings,
+                   metrics: Metrics) -> Classifier:
+    metrics.model.info({"file": file.path.name, "sha256": file.sha256, "backend": predictor.backend,
+                        "classes": ",".join(vocab)})
+    return Classifier(file, vocab, predictor, threads=settings.threads, max_batch=settings.max_batch,
+                      queue_size=settings.queue_size, max_pixels=settings.max_pixels, metrics=metrics)
+
+
+async def _load_learner_behind(serving: Serving, file: ModelFile, recorded: Manifest, settings: Settings) -> None:
+    try:
+        model = await asyncio.to_thread(load_learner_from, file)
+        predictor = await asyncio.to_thread(build_predictor, model.learn, file.path, file.sha256, settings.threads,
+                                            settings.backend)
+    except Exception as exc:  # noqa: BLE001 - reported, and the checked compiled model keeps serving
+        reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
+        serving.learner = f"failed: {reason}"
+        log.error("the learner failed to load in the background (%s); still serving the compiled model that "
+                  "was checked against it on an earlier start", reason)
+        return
+    serving.model = model
+    fresh = manifest_for(file, predictor, model.vocab)
+    if fresh is not None and fresh.serves_like(recorded):
+        log.info("learner loaded in the background; it agrees with the compiled model being served")
+    else:
+        log.warning("the learner disagrees with the compiled model recorded for it; serving the learner's "
+                    "own predictor (%s, %s preprocessing) from now on", predictor.backend, predictor.preprocessing)
+        serving.classifier.use(predictor, model.vocab)
+        if fresh is not None:
+            save_manifest(file, fresh)
+    serving.learner = "loaded"

@@ -1,0 +1,214 @@
+"""A restart serves the compiled model checked on an earlier start, without importing torch or
+fastai, and only when nothing about it has changed; the learner still loads, in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+from support import ROOT, AppProcess, image_bytes, synthetic_image
+
+from app.compiled import installed_versions, load_compiled, manifest_path
+from app.config import Settings
+from app.metrics import Metrics
+from app.model_store import ModelFile, sha256_file
+from app.predictor import FastPreprocess, ResizeStep, onnx_cache_path
+from app.startup import start_serving
+
+
+def check_model(model: Path, **env: str) -> None:
+    """`python -m app --check`: the full start-up path, which records the compiled model's check."""
+    result = subprocess.run([sys.executable, "-m", "app", "--check"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "MODEL_PATH": str(model), **env}, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def model_file(model: Path) -> ModelFile:
+    return ModelFile(model, sha256_file(model), None)
+
+
+@pytest.fixture(scope="module")
+def checked_once(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("checked") / "model"
+    shutil.copytree(tiny_export.parent, folder, ignore=shutil.ignore_patterns("*.onnx", "*.onnx.json"))
+    check_model(folder / "export.pkl")
+    return folder
+
+
+@pytest.fixture
+def checked(checked_once: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny export whose check `python -m app --check` has recorded."""
+    shutil.copytree(checked_once, tmp_path / "model")
+    return tmp_path / "model" / "export.pkl"
+
+
+def test_preprocessing_spec_round_trips_through_json():
+    step = FastPreprocess(ResizeStep("crop", (64, 48), Image.BILINEAR), 255.0, (0.485, 0.456, 0.406),
+                          (0.229, 0.224, 0.225))
+    again = FastPreprocess.from_spec(json.loads(json.dumps(step.spec())))
+    assert again == step
+    img = synthetic_image((90, 120, 200), size=(123, 77))
+    assert np.array_equal(again(img), step(img))
+    with pytest.raises(ValueError, match="unknown resize kind"):
+        FastPreprocess.from_spec({**step.spec(), "kind": "zoom"})
+
+
+def test_lookup_table_gives_fastais_float32_arithmetic_exactly():
+    mean, std = (0.498, 0.2, 0.7), (0.502, 0.3, 0.1)
+    step = FastPreprocess(ResizeStep("squish", (40, 30), Image.BILINEAR), 255.0, mean, std)
+    img = synthetic_image((128, 30, 220), size=(40, 30))
+    pixels = np.asarray(img, np.float32).transpose(2, 0, 1) / np.float32(255.0)
+    expected = (pixels - np.float32(mean)[:, None, None]) / np.float32(std)[:, None, None]
+    assert np.array_equal(step(img), expected)
+
+
+def test_a_checked_model_is_served_again_without_importing_torch_or_fastai(checked, tiny_learner):
+    model_copy = checked
+    assert manifest_path(model_file(model_copy)).exists()
+    img_path = model_copy.parent / "probe.png"
+    synthetic_image((40, 180, 60), size=(70, 50), seed=3).save(img_path)
+    script = textwrap.dedent(f"""
+        import json, sys
+        from pathlib import Path
+        from PIL import Image
+        from app.compiled import load_compiled
+        from app.model_store import ModelFile, sha256_file
+        model = Path({str(model_copy)!r})
+        compiled = load_compiled(ModelFile(model, sha256_file(model), None), threads=1)
+        p = compiled.predictor
+        probs = p.infer(p.prepare(Image.open({str(img_path)!r}).convert("RGB"))[None])[0]
+        heavy = sorted(m for m in ("torch", "fastai", "torchvision") if m in sys.modules)
+        print(json.dumps({{"vocab": compiled.vocab, "probs": probs.tolist(), "heavy": heavy}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert result["heavy"] == []
+    assert result["vocab"] == ["blues", "greens", "reds"]
+    with tiny_learner.no_bar():
+        expected = tiny_learner.predict(Image.open(img_path).convert("RGB"))[2].numpy()
+    assert np.abs(np.array(result["probs"]) - expected).max() < 1e-5
+
+
+def tamper_onnx(model: Path) -> None:
+    cache = onnx_cache_path(model, sha256_file(model))
+    cache.write_bytes(cache.read_bytes() + b"\0")
+
+
+def edit_manifest(**changes):
+    def edit(model: Path) -> None:
+        path = manifest_path(model_file(model))
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return edit
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param(tamper_onnx, id="onnx file modified"),
+    pytest.param(edit_manifest(versions={**installed_versions(), "fastai": "2.7.0"}), id="other fastai version"),
+    pytest.param(edit_manifest(format=0), id="older manifest format"),
+    pytest.param(edit_manifest(export_sha256="0" * 64), id="written for another export"),
+    pytest.param(edit_manifest(activation="relu"), id="unknown activation"),
+    pytest.param(lambda model: manifest_path(model_file(model)).write_text("{not json"), id="corrupt manifest"),
+])
+def test_the_record_is_ignored_when_anything_changed(checked, change):
+    assert load_compiled(model_file(checked), threads=1) is not None
+    change(checked)
+    assert load_compiled(model_file(checked), threads=1) is None
+
+
+def test_a_changed_export_is_never_served_from_the_old_record(checked):
+    with open(checked, "ab") as f:
+        f.write(b"\0")  # still loadable (zip readers ignore trailing bytes), but another file
+    assert load_compiled(model_file(checked), threads=1) is None
+
+
+def test_restart_is_ready_before_the_learner_loads_and_answers_the_same(model_copy, tmp_path):
+    upload = {"file": ("p.jpg", image_bytes(synthetic_image((200, 40, 40), size=(90, 60))), "image/jpeg")}
+    first = AppProcess({"MODEL_PATH": str(model_copy)}, tmp_path / "first.log").wait_ready()
+    try:
+        assert requests.get(first.url + "/model", timeout=5).json()["learner"] == "loaded"
+        before = requests.post(first.url + "/upload", files=upload, timeout=30).json()
+    finally:
+        first.stop()
+    assert "learner loading in the background" not in first.log()
+
+    second = AppProcess({"MODEL_PATH": str(model_copy)}, tmp_path / "second.log").wait_ready(learner=False)
+    try:
+        assert requests.get(second.url + "/model", timeout=5).json()["backend"] == "onnx"
+        assert requests.post(second.url + "/upload", files=upload, timeout=30).json() == before
+        second.wait_ready()
+        assert requests.get(second.url + "/model", timeout=5).json()["learner"] == "loaded"
+    finally:
+        second.stop()
+    log = second.log()
+    assert log.index("learner loading in the background") < log.index("it agrees with the compiled model")
+
+
+def test_a_learner_that_disagrees_with_the_record_replaces_it(checked):
+    """A record that passes every identity check but describes other preprocessing (as a bug in an
+    older version of this service might have written) is corrected by the background check."""
+    model_copy = checked
+    path = manifest_path(model_file(model_copy))
+    recorded = json.loads(path.read_text())
+    edit_manifest(preprocess={**recorded["preprocess"], "mean": [0.9, 0.9, 0.9]})(model_copy)
+
+    async def restart():
+        serving = await start_serving(Settings(model_path=model_copy, threads=1), Metrics())
+        compiled = serving.classifier.predictor
+        assert serving.learner == "loading"
+        await serving.background
+        try:
+            return compiled, serving
+        finally:
+            await serving.stop()
+
+    compiled, serving = asyncio.run(restart())
+    assert serving.learner == "loaded"
+    assert serving.classifier.predictor is not compiled
+    assert serving.classifier.predictor.prepare.spec()["mean"] == recorded["preprocess"]["mean"]
+    assert json.loads(path.read_text())["preprocess"] == recorded["preprocess"]  # the record is rewritten
+
+
+def test_a_learner_that_no_longer_loads_leaves_the_checked_model_serving(tiny_export, tiny_learner, tmp_path):
+    """An export that needs a module the deployment has since lost: the first start (with the
+    module) records the check; a restart without it still serves, and says the learner failed."""
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "bear_helpers.py").write_text("def label(path):\n    return path.parent.name\n")
+    model = tmp_path / "model" / "export.pkl"
+    model.parent.mkdir()
+    script = textwrap.dedent(f"""
+        import bear_helpers
+        from fastai.learner import load_learner
+        learn = load_learner({str(tiny_export)!r}, cpu=True)
+        learn.labeller = bear_helpers.label  # pickled by reference: unpickling needs the module
+        learn.export({str(model)!r})
+    """)
+    with_module = {"PYTHONPATH": str(extra)}
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, env={**os.environ, **with_module})
+    check_model(model, **with_module)
+
+    app = AppProcess({"MODEL_PATH": str(model)}, tmp_path / "server.log").wait_ready()
+    try:
+        learner = requests.get(app.url + "/model", timeout=5).json()["learner"]
+        img = synthetic_image((40, 60, 200))
+        upload = {"file": ("p.png", image_bytes(img, "PNG"), "image/png")}
+        response = requests.post(app.url + "/upload", files=upload, timeout=30)
+    finally:
+        app.stop()
+    assert learner.startswith("failed: ") and "bear_helpers" in learner
+    assert "the learner failed to load in the background" in app.log()
+    assert response.status_code == 200
+    served = dict(response.json()["predictions"])
+    with tiny_learner.no_bar():
+        expected = tiny_learner.predict(img)[2].numpy()
+    assert max(abs(served[label] - float(p)) for label, p in zip(tiny_learner.dls.vocab, expected, strict=True)) < 1e-5
