@@ -17,7 +17,7 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,15 +86,6 @@ class FastPreprocess:
     divisor: float
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    _table: np.ndarray = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        # Each output value depends only on one uint8 and its channel, so a 3x256 table holds every
-        # possible result of fastai's float32 `x / div` then `(x - mean) / std`: looking values up
-        # gives the same numbers in half the time of computing them per pixel.
-        levels = np.arange(256, dtype=np.float32)[None, :] / np.float32(self.divisor)
-        table = (levels - np.float32(self.mean)[:, None]) / np.float32(self.std)[:, None]
-        object.__setattr__(self, "_table", table.astype(np.float32))
 
     @property
     def draft_size(self) -> tuple[int, int]:
@@ -106,11 +97,13 @@ class FastPreprocess:
         return side, side
 
     def __call__(self, img: Image.Image) -> np.ndarray:
-        pixels = np.asarray(self.resize(img))  # (height, width, 3) uint8
-        out = np.empty((3, *pixels.shape[:2]), np.float32)
-        for channel in range(3):
-            np.take(self._table[channel], pixels[:, :, channel], out=out[channel])
-        return out
+        # Contiguous channel planes first: arithmetic on a transposed view is several times slower.
+        planes = np.ascontiguousarray(np.asarray(self.resize(img)).transpose(2, 0, 1)).astype(np.float32)
+        # The same float32 operations, in the same order, as fastai's IntToFloatTensor and Normalize.
+        planes /= np.float32(self.divisor)
+        planes -= np.float32(self.mean)[:, None, None]
+        planes /= np.float32(self.std)[:, None, None]
+        return planes
 
     def spec(self) -> dict[str, Any]:
         """A JSON-ready description, from which `from_spec` rebuilds an identical step."""

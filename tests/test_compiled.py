@@ -63,7 +63,7 @@ def test_preprocessing_spec_round_trips_through_json():
         FastPreprocess.from_spec({**step.spec(), "kind": "zoom"})
 
 
-def test_lookup_table_gives_fastais_float32_arithmetic_exactly():
+def test_normalisation_is_fastais_float32_arithmetic_exactly():
     mean, std = (0.498, 0.2, 0.7), (0.502, 0.3, 0.1)
     step = FastPreprocess(ResizeStep("squish", (40, 30), Image.BILINEAR), 255.0, mean, std)
     img = synthetic_image((128, 30, 220), size=(40, 30))
