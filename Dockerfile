@@ -21,8 +21,9 @@ COPY app/ app/
 COPY static/ static/
 COPY models/ models/
 
-# Load the model once, exactly as the server will: a broken model fails `docker build`, not
-# production. This also compiles the ONNX copy next to the export, so containers start fast.
+# Load the model once, as the server's first start would: a broken model fails `docker build`, not
+# production. This also compiles the ONNX copy next to the export and records its check, so that
+# containers are ready in about a second (the learner then loads in the background).
 RUN python -m app --check \
     && groupadd --system --gid 10001 cuddle \
     && useradd --system --uid 10001 --gid 10001 --no-create-home cuddle

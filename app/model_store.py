@@ -38,15 +38,9 @@ class ModelFile:
 
 @dataclass(frozen=True)
 class LoadedModel:
+    file: ModelFile
     learn: Any
-    path: Path
-    sha256: str
     vocab: list[str]
-    card: dict | None
-
-    @property
-    def file(self) -> ModelFile:
-        return ModelFile(self.path, self.sha256, self.card)
 
 
 def sha256_file(path: Path) -> str:
@@ -203,11 +197,4 @@ def load_learner_from(file: ModelFile) -> LoadedModel:
     vocab = [str(label) for label in getattr(learn.dls, "vocab", [])]
     if not vocab:
         raise ModelLoadError(f"{file.path} has no class vocabulary: only classifiers can be served")
-    return LoadedModel(learn=learn, path=file.path, sha256=file.sha256, vocab=vocab, card=file.card)
-
-
-async def load_model(model_path: Path, model_url: str | None, expected_sha256: str | None) -> LoadedModel:
-    import asyncio
-
-    file = await fetch_model_file(model_path, model_url, expected_sha256)
-    return await asyncio.to_thread(load_learner_from, file)
+    return LoadedModel(file, learn, vocab)

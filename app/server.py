@@ -355,10 +355,10 @@ def create_app(settings: Settings, policy: AddressPolicy | None = None,
         app.state.runtime.serving = serving
         app.state.ready = True
         classifier = serving.classifier
-        log.info("ready: %s (%s, %s preprocessing%s) classes=%s", classifier.file.path, classifier.predictor.backend,
-                 classifier.predictor.preprocessing,
-                 "; the compiled model checked on an earlier start, learner loading in the background"
-                 if serving.learner == "loading" else "", classifier.vocab)
+        learner = ("learner loading in the background; serving the compiled model checked on an earlier start"
+                   if serving.learner == "loading" else "learner loaded")
+        log.info("ready: %s (%s, %s preprocessing, %s) classes=%s", classifier.file.path, classifier.predictor.backend,
+                 classifier.predictor.preprocessing, learner, classifier.vocab)
         try:
             yield
         finally:

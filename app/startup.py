@@ -59,7 +59,7 @@ async def start_serving(settings: Settings, metrics: Metrics, fast_start: bool =
 
 def checked_predictor(model: LoadedModel, settings: Settings) -> Predictor:
     """The fast predictor, checked against the learner, with the check recorded for later starts."""
-    predictor = build_predictor(model.learn, model.path, model.sha256, settings.threads, settings.backend)
+    predictor = build_predictor(model.learn, model.file.path, model.file.sha256, settings.threads, settings.backend)
     manifest = manifest_for(model.file, predictor, model.vocab)
     if manifest is not None:
         save_manifest(model.file, manifest)

@@ -194,31 +194,28 @@ class LoadResult:
 
 
 def bare_forward_rate(model: Path, batch: int, seconds: float = 4.0) -> dict[str, float]:
-    """Images per second of the model alone (no decoding, no HTTP) with torch and ONNX Runtime,
-    and the CPU milliseconds per image of the ONNX Runtime run ("onnx_cpu_ms")."""
+    """Images per second of the model alone (no decoding, no HTTP): torch in this process, the
+    server's compiled ONNX model in a process of its own; and the ONNX run's CPU ms per image."""
     import torch
     from fastai.learner import load_learner
 
     from app.model_store import sha256_file
-    from app.predictor import build_predictor
+    from app.predictor import onnx_cache_path
 
     threads = os.cpu_count() or 1
+    out = subprocess.run([sys.executable, "-m", "bench.bare", str(onnx_cache_path(model, sha256_file(model))),
+                          str(batch), str(seconds), str(threads)], cwd=ROOT, capture_output=True, text=True, check=True)
+    onnx = json.loads(out.stdout)
     learn = load_learner(model, cpu=True)
-    predictor = build_predictor(learn, model, sha256_file(model), threads)
-    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
-    rates = {}
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32))
     torch.set_num_threads(threads)
     with torch.inference_mode():
-        runners = {"torch": lambda: learn.model.eval()(torch.from_numpy(x)), "onnx": lambda: predictor.infer(x)}
-        for name, fn in runners.items():
-            fn()
-            n, t0, cpu0 = 0, time.perf_counter(), time.process_time()
-            while time.perf_counter() - t0 < seconds:
-                fn()
-                n += batch
-            rates[name] = n / (time.perf_counter() - t0)
-            rates[name + "_cpu_ms"] = (time.process_time() - cpu0) * 1000 / n
-    return rates
+        learn.model.eval()(x)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            learn.model(x)
+            n += batch
+    return {"torch": n / (time.perf_counter() - t0), "onnx": onnx["rate"], "onnx_cpu_ms": onnx["cpu_ms"]}
 
 
 def decode_times(data: bytes, repeat: int = 10) -> tuple[float, float]:

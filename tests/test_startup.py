@@ -7,11 +7,25 @@ import asyncio
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from support import LocalHTTPServer, run_app_until_exit
 
-from app.model_store import ModelLoadError, check_model_file, load_model, sha256_file
+from app.model_store import (
+    LoadedModel,
+    ModelLoadError,
+    check_model_file,
+    fetch_model_file,
+    load_learner_from,
+    sha256_file,
+)
+
+
+async def load_model(path: Path, url: str | None, sha256: str | None) -> LoadedModel:
+    """What the server's first start does with MODEL_PATH, MODEL_URL and MODEL_SHA256."""
+    return load_learner_from(await fetch_model_file(path, url, sha256))
+
 
 HTML = b"<!DOCTYPE html><html><head><title>Google Drive</title></head><body>Download</body></html>"
 
@@ -112,7 +126,7 @@ def model_host(tiny_export):
 def test_model_url_is_downloaded_checked_and_renamed_into_place(tiny_export, model_host, tmp_path):
     dest = tmp_path / "models" / "export.pkl"
     model = asyncio.run(load_model(dest, model_host.url("/export.pkl"), sha256_file(tiny_export)))
-    assert model.sha256 == sha256_file(tiny_export) == sha256_file(dest)
+    assert model.file.sha256 == sha256_file(tiny_export) == sha256_file(dest)
     assert model.vocab == ["blues", "greens", "reds"]
     assert [p.name for p in dest.parent.iterdir()] == ["export.pkl"]  # no temporary file left
 

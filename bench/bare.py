@@ -1,0 +1,33 @@
+"""The bare forward pass, in a process of its own: `python -m bench.bare ONNX BATCH SECONDS THREADS`.
+
+The compiled model alone, with the server's ONNX Runtime settings: no decoding, no HTTP, and no
+torch in the process (whose idle OpenMP threads could slow it and flatter the service's ratio to
+it). Prints JSON: images per second and CPU milliseconds per image.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from app.predictor import onnx_runner
+
+
+def measure(onnx: Path, batch: int, seconds: float, threads: int) -> dict[str, float]:
+    run = onnx_runner(onnx, threads)
+    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+    run(x)
+    n, t0, cpu0 = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - t0 < seconds:
+        run(x)
+        n += batch
+    return {"rate": n / (time.perf_counter() - t0), "cpu_ms": (time.process_time() - cpu0) * 1000 / n}
+
+
+if __name__ == "__main__":
+    onnx, batch, seconds, threads = sys.argv[1:5]
+    print(json.dumps(measure(Path(onnx), int(batch), float(seconds), int(threads))))
