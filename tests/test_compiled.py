@@ -212,3 +212,18 @@ def test_a_learner_that_no_longer_loads_leaves_the_checked_model_serving(tiny_ex
     with tiny_learner.no_bar():
         expected = tiny_learner.predict(img)[2].numpy()
     assert max(abs(served[label] - float(p)) for label, p in zip(tiny_learner.dls.vocab, expected, strict=True)) < 1e-5
+
+
+def test_activations_are_named_only_when_numpy_reproduces_them():
+    from types import SimpleNamespace
+
+    from fastai.losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat
+
+    from app.predictor import activation
+
+    def named(loss_func) -> str:
+        return activation(SimpleNamespace(loss_func=loss_func))[0]
+
+    assert named(CrossEntropyLossFlat()) == "softmax"
+    assert named(BCEWithLogitsLossFlat()) == "sigmoid"
+    assert named(SimpleNamespace(activation=lambda x: x.softmax(-1) ** 2)) == "custom"  # never recorded
