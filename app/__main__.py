@@ -9,6 +9,8 @@ fails the image build.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import signal
 import sys
 
@@ -17,6 +19,7 @@ import uvicorn
 from app.config import ConfigError, Settings
 from app.logs import configure_logging
 from app.server import create_app
+from app.startup import still_loading_a_learner
 
 STARTUP_FAILURE = 3  # uvicorn's exit status when the application fails to start
 
@@ -65,6 +68,11 @@ def main(argv: list[str]) -> int:
         server_header=False,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
+    if still_loading_a_learner():
+        # Stopped (requests drained, lifespan done) while the learner was still loading in the
+        # background: nothing it would produce is needed, and a shutdown must not wait for it.
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 

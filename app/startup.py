@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from app.classifier import Classifier
@@ -23,6 +25,7 @@ from app.model_store import LoadedModel, ModelFile, ModelLoadError, fetch_model_
 from app.predictor import Predictor, build_predictor
 
 log = logging.getLogger("app")
+LEARNER_THREAD = "learner-loader"
 
 
 @dataclass
@@ -74,17 +77,28 @@ def new_classifier(file: ModelFile, vocab: list[str], predictor: Predictor, sett
                       queue_size=settings.queue_size, max_pixels=settings.max_pixels, metrics=metrics)
 
 
+def still_loading_a_learner() -> bool:
+    """Whether a background learner load is still running: an import of torch cannot be
+    interrupted, so a shutdown that does not want to wait for it must exit without joining it."""
+    return any(t.name.startswith(LEARNER_THREAD) and t.is_alive() for t in threading.enumerate())
+
+
 async def _load_learner_behind(serving: Serving, file: ModelFile, recorded: Manifest, settings: Settings) -> None:
+    # Its own thread, not the event loop's default executor, which asyncio joins on the way out.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=LEARNER_THREAD)
+    loop = asyncio.get_running_loop()
     try:
-        model = await asyncio.to_thread(load_learner_from, file)
-        predictor = await asyncio.to_thread(build_predictor, model.learn, file.path, file.sha256, settings.threads,
-                                            settings.backend)
+        model = await loop.run_in_executor(pool, load_learner_from, file)
+        predictor = await loop.run_in_executor(pool, build_predictor, model.learn, file.path, file.sha256,
+                                               settings.threads, settings.backend)
     except Exception as exc:  # noqa: BLE001 - reported, and the checked compiled model keeps serving
         reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
         serving.learner = f"failed: {reason}"
         log.error("the learner failed to load in the background (%s); still serving the compiled model that "
                   "was checked against it on an earlier start", reason)
         return
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     serving.model = model
     fresh = manifest_for(file, predictor, model.vocab)
     if fresh is not None and fresh.serves_like(recorded):

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +152,15 @@ def test_restart_is_ready_before_the_learner_loads_and_answers_the_same(model_co
         second.stop()
     log = second.log()
     assert log.index("learner loading in the background") < log.index("it agrees with the compiled model")
+
+
+def test_sigterm_while_the_learner_loads_exits_at_once(checked, tmp_path):
+    """Importing torch in the background cannot be interrupted; shutting down must not wait for it."""
+    app = AppProcess({"MODEL_PATH": str(checked)}, tmp_path / "server.log").wait_ready(learner=False)
+    assert requests.get(app.url + "/model", timeout=5).json()["learner"] == "loading"
+    started = time.monotonic()
+    assert app.stop() == 0
+    assert time.monotonic() - started < 4, app.log()
 
 
 def test_a_learner_that_disagrees_with_the_record_replaces_it(checked):
