@@ -28,10 +28,9 @@ class Classifier:
     def __init__(self, file: ModelFile, vocab: list[str], predictor: Predictor, *, threads: int, max_batch: int,
                  queue_size: int, max_pixels: int, metrics: Metrics):
         self.file = file
-        self.vocab = vocab
-        self.predictor = predictor
         self.max_pixels = max_pixels
         self.metrics = metrics
+        self.use(predictor, vocab)
         self.worker = InferenceWorker(self._infer, max_batch, queue_size, metrics.observe_batch)
         # Decoding is CPU work too: as many threads as cores, no more, so a burst of 12 MP photos
         # cannot hold dozens of decoded images in memory at once.
@@ -39,8 +38,10 @@ class Classifier:
         metrics.in_service.set_function(lambda: self.worker.in_service)
 
     def use(self, predictor: Predictor, vocab: list[str]) -> None:
-        """Serve with another predictor from now on (see app.startup)."""
+        """Serve with this predictor from now on (app.startup may replace the first one)."""
         self.predictor, self.vocab = predictor, vocab
+        self.metrics.model.info({"file": self.file.path.name, "sha256": self.file.sha256,
+                                 "backend": predictor.backend, "classes": ",".join(vocab)})
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         return self.predictor.infer(batch)

@@ -34,7 +34,7 @@ class Serving:
 
     classifier: Classifier
     learner: str  # "loaded", "loading" (fast path, in the background) or "failed: <reason>"
-    model: LoadedModel | None = None
+    model: LoadedModel | None = None  # the learner, once loaded, kept for the life of the process
     background: asyncio.Task | None = None
 
     async def stop(self) -> None:
@@ -71,8 +71,6 @@ def checked_predictor(model: LoadedModel, settings: Settings) -> Predictor:
 
 def new_classifier(file: ModelFile, vocab: list[str], predictor: Predictor, settings: Settings,
                    metrics: Metrics) -> Classifier:
-    metrics.model.info({"file": file.path.name, "sha256": file.sha256, "backend": predictor.backend,
-                        "classes": ",".join(vocab)})
     return Classifier(file, vocab, predictor, threads=settings.threads, max_batch=settings.max_batch,
                       queue_size=settings.queue_size, max_pixels=settings.max_pixels, metrics=metrics)
 
@@ -83,14 +81,20 @@ def still_loading_a_learner() -> bool:
     return any(t.name.startswith(LEARNER_THREAD) and t.is_alive() for t in threading.enumerate())
 
 
+def _recheck(file: ModelFile, settings: Settings) -> tuple[LoadedModel, Predictor, Manifest | None]:
+    """The learner, its own predictor (self-checked) and that predictor's manifest: all blocking
+    work (unpickling, the self-check, hashing the ONNX file), for the background thread."""
+    model = load_learner_from(file)
+    predictor = build_predictor(model.learn, file.path, file.sha256, settings.threads, settings.backend)
+    return model, predictor, manifest_for(file, predictor, model.vocab)
+
+
 async def _load_learner_behind(serving: Serving, file: ModelFile, recorded: Manifest, settings: Settings) -> None:
     # Its own thread, not the event loop's default executor, which asyncio joins on the way out.
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=LEARNER_THREAD)
     loop = asyncio.get_running_loop()
     try:
-        model = await loop.run_in_executor(pool, load_learner_from, file)
-        predictor = await loop.run_in_executor(pool, build_predictor, model.learn, file.path, file.sha256,
-                                               settings.threads, settings.backend)
+        model, predictor, fresh = await loop.run_in_executor(pool, _recheck, file, settings)
     except Exception as exc:  # noqa: BLE001 - reported, and the checked compiled model keeps serving
         reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
         serving.learner = f"failed: {reason}"
@@ -100,7 +104,6 @@ async def _load_learner_behind(serving: Serving, file: ModelFile, recorded: Mani
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     serving.model = model
-    fresh = manifest_for(file, predictor, model.vocab)
     if fresh is not None and fresh.serves_like(recorded):
         log.info("learner loaded in the background; it agrees with the compiled model being served")
     else:
@@ -108,5 +111,5 @@ async def _load_learner_behind(serving: Serving, file: ModelFile, recorded: Mani
                     "own predictor (%s, %s preprocessing) from now on", predictor.backend, predictor.preprocessing)
         serving.classifier.use(predictor, model.vocab)
         if fresh is not None:
-            save_manifest(file, fresh)
+            await asyncio.to_thread(save_manifest, file, fresh)
     serving.learner = "loaded"
