@@ -17,6 +17,7 @@ import sys
 import uvicorn
 
 from app.config import ConfigError, Settings
+from app.folders import ensure_matplotlib_config_dir
 from app.logs import configure_logging
 from app.server import create_app
 from app.startup import still_loading_a_learner
@@ -50,6 +51,11 @@ def main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    ensure_matplotlib_config_dir()
+    if settings.model_url and not settings.model_sha256:
+        logging.getLogger("app").warning(
+            "MODEL_URL is set without MODEL_SHA256: loading an export runs the code it contains, so pin the "
+            "export you trust with MODEL_SHA256")
     if argv == ["--check"]:
         return check(settings)
     if argv:

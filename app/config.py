@@ -43,6 +43,7 @@ class Settings:
     model_path: Path = Path("models/export.pkl")
     model_url: str | None = None
     model_sha256: str | None = None
+    cache_dir: Path | None = None  # compiled models; default: the export's folder if writable
     max_upload_mb: float = 20
     fetch_timeout_s: float = 10
     allow_private_urls: bool = False
@@ -94,6 +95,7 @@ class Settings:
             model_path=Path(get("MODEL_PATH") or defaults.model_path),
             model_url=get("MODEL_URL"),
             model_sha256=sha.lower() if sha else None,
+            cache_dir=Path(get("CACHE_DIR")) if get("CACHE_DIR") else None,
             max_upload_mb=number("MAX_UPLOAD_MB", defaults.max_upload_mb, float, 0.001),
             fetch_timeout_s=number("FETCH_TIMEOUT_S", defaults.fetch_timeout_s, float, 0.1),
             allow_private_urls=_bool(get("ALLOW_PRIVATE_URLS") or "false", "ALLOW_PRIVATE_URLS"),

@@ -40,6 +40,9 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # Informational lines of libraries (matplotlib's font cache, ...) are not the service's news.
+    for name in ("matplotlib", "PIL"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     quiet_library_warnings()
     logging.captureWarnings(True)
 

@@ -172,12 +172,20 @@ def load_learner_checked(path: Path, card: dict | None) -> Any:
     return learn
 
 
+def same_release(a: str | None, b: str | None) -> bool:
+    """Whether two version strings name the same release, ignoring the local build label
+    (`2.14.1+cpu` and `2.14.1+cu130` are the same torch: the build variant does not change what an
+    export means)."""
+    return a is not None and b is not None and a.split("+")[0] == b.split("+")[0]
+
+
 def warn_on_version_drift(card: dict | None) -> None:
     import fastai
     import torch
 
     trained = (card or {}).get("versions") or {}
-    if trained and (trained.get("fastai") != fastai.__version__ or trained.get("torch") != torch.__version__):
+    if trained and not (same_release(trained.get("fastai"), fastai.__version__)
+                        and same_release(trained.get("torch"), torch.__version__)):
         log.warning("model was trained with different versions than installed (%s); "
                     "pin the same versions if predictions look wrong", _version_hint(card))
 

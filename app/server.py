@@ -5,6 +5,7 @@ Handlers stay thin: decoding, fetching and prediction live in their own modules.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -100,8 +101,9 @@ async def model_info(request: Request) -> JSONResponse:
     responses:
       200:
         description: Classes in vocab order, the model file's sha256, how it is served, whether the
-          learner behind it is loaded yet (a restart serves a checked compiled model first), and
-          its model card.
+          learner behind it is loaded yet (a restart serves a checked compiled model first), its
+          unfamiliar-image detector (method, threshold, validation false-flag rate; null if it has
+          none), and its model card.
       503:
         description: The model is not loaded yet.
     """
@@ -114,6 +116,7 @@ async def model_info(request: Request) -> JSONResponse:
         "backend": classifier.predictor.backend,
         "preprocessing": classifier.predictor.preprocessing,
         "learner": serving.learner,
+        "detector": classifier.detector.describe() if classifier.detector else None,
         "card": classifier.file.card,
     })
 
@@ -129,7 +132,9 @@ async def classify_url(request: Request) -> JSONResponse:
           type: string
     responses:
       200:
-        description: '{"predictions": [[label, probability], ...]}, highest first.'
+        description: '{"predictions": [[label, probability], ...]}, every class, highest first; with
+          "unfamiliar": true|false when the model has an unfamiliar-image detector (true: the photo
+          looks like none of the training photos, so no class should be trusted).'
       400:
         description: Missing or malformed URL.
       403:
@@ -151,13 +156,13 @@ async def classify_url(request: Request) -> JSONResponse:
         return fetch_image_bytes(rt.session, url, rt.policy, rt.settings.max_upload_bytes, rt.settings.fetch_timeout_s)
 
     try:
-        predictions = await classifier.classify(fetch)
+        result = await classifier.classify(fetch)
     except ApiError as exc:
         if exc.status == 415:  # the remote server's fault, not the client's
             message = f"The URL did not return an image we can read. {exc.message}"
             raise ApiError(502, "remote_not_image", message) from None
         raise
-    return JSONResponse({"predictions": predictions})
+    return JSONResponse(result)
 
 
 async def upload(request: Request) -> JSONResponse:
@@ -175,7 +180,9 @@ async def upload(request: Request) -> JSONResponse:
                 format: binary
     responses:
       200:
-        description: '{"predictions": [[label, probability], ...]}, highest first.'
+        description: '{"predictions": [[label, probability], ...]}, every class, highest first; with
+          "unfamiliar": true|false when the model has an unfamiliar-image detector (true: the photo
+          looks like none of the training photos, so no class should be trusted).'
       400:
         description: Not multipart, or no field named file.
       413:
@@ -190,8 +197,8 @@ async def upload(request: Request) -> JSONResponse:
         file = form.get("file")
         if not isinstance(file, UploadFile):
             raise ApiError(400, "missing_file", "Send the photo as a multipart/form-data field named 'file'.")
-        predictions = await classifier.classify(file.read)
-    return JSONResponse({"predictions": predictions})
+        result = await classifier.classify(file.read)
+    return JSONResponse(result)
 
 
 async def index(request: Request) -> Response:
@@ -247,7 +254,22 @@ async def on_unexpected(request: Request, exc: Exception) -> Response:
 
 
 class UploadSizeLimit:
-    """Refuse bodies over the limit while they stream in, before they are held anywhere."""
+    """Refuse bodies over the limit while they stream in, before they are held anywhere, and make
+    sure the client can read that 413.
+
+    Most HTTP clients send the whole body before reading the answer. A server that answers and
+    closes while body bytes are still arriving makes the kernel reset the connection, and the
+    client sees "connection reset" instead of the 413. So, as nginx's "lingering close" does, the
+    rest of the body is read and thrown away before the response is finished and the connection
+    closed, within bounds: at most `DRAIN_FACTOR` times the limit in bytes (reading costs no
+    memory, but is not free), `DRAIN_SECONDS` in all and `DRAIN_IDLE_SECONDS` without a byte, so
+    that a slow client cannot hold a connection for longer. A client that waits for
+    `100 Continue` has sent nothing and is told 413 at once.
+    """
+
+    DRAIN_FACTOR = 4
+    DRAIN_SECONDS = 10.0
+    DRAIN_IDLE_SECONDS = 2.0
 
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app = app
@@ -256,26 +278,62 @@ class UploadSizeLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        waits_for_continue = headers.get(b"expect", b"").lower() == b"100-continue"
+        received = 0
+        too_large = False
+
+        async def send_then_drain(message: Message) -> None:
+            # The whole answer goes out first; the last (empty) part, which lets the server close
+            # the connection, only once the client's body has been read.
+            if message["type"] == "http.response.body" and not message.get("more_body") and too_large:
+                await send({**message, "more_body": True})
+                if not (waits_for_continue and received == 0):
+                    await self._drain(receive, declared, received)
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
         if declared is not None:
             if not declared.isdigit():
                 return await error_response(400, "bad_request", "Invalid Content-Length.")(scope, receive, send)
             if int(declared) > self.max_bytes:
+                too_large = True
                 return await error_response(413, "upload_too_large",
                                             f"The upload is larger than {self.max_bytes // (1024 * 1024)} MB.",
-                                            {"Connection": "close"})(scope, receive, send)
-        received = 0
+                                            {"Connection": "close"})(scope, receive, send_then_drain)
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    too_large = True
                     raise BodyTooLarge()
             return message
 
-        await self.app(scope, limited_receive, send)
+        await self.app(scope, limited_receive, send_then_drain)
+
+    async def _drain(self, receive: Receive, declared: bytes | None, received: int) -> None:
+        budget = self.DRAIN_FACTOR * self.max_bytes
+        if declared is not None and int(declared) > budget:
+            return  # more than we would read anyway: close at once
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.DRAIN_SECONDS
+        while received <= budget:
+            timeout = min(self.DRAIN_IDLE_SECONDS, deadline - loop.time())
+            if timeout <= 0:
+                return
+            try:
+                message = await asyncio.wait_for(receive(), timeout)
+            except TimeoutError:
+                return
+            if message["type"] != "http.request":
+                return
+            received += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
 
 class RequestLog:

@@ -124,14 +124,22 @@ class LocalHTTPServer:
 class AppProcess:
     """`python -m app` (the Docker start command) on a free port, with its log captured."""
 
-    def __init__(self, env: dict[str, str], log_path: Path):
+    def __init__(self, env: dict[str, str], log_path: Path, container: Path | None = None):
+        """`container`: start as a container with a mounted model folder does: `container` mounted
+        read-only (in a mount namespace of its own) and no home folder to write to."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "THREADS": "2", **env}
+        command = [sys.executable, "-m", "app"]
+        if container is not None:
+            full_env["HOME"] = "/proc/no-home"  # not even root can create anything there
+            for name in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR"):
+                full_env.pop(name, None)
+            command = ["unshare", "--mount", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"',
+                       str(container), *command]
         self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=full_env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120, learner: bool = True) -> AppProcess:
         """Wait for /readyz, and by default also for the learner: a restart serves the checked
@@ -165,6 +173,12 @@ class AppProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+def can_mount_read_only() -> bool:
+    """Whether this process may make a private read-only mount (root in most CI containers)."""
+    result = subprocess.run(["unshare", "--mount", "sh", "-c", "mount --bind -o ro / /"], capture_output=True)
+    return result.returncode == 0
 
 
 def run_app_until_exit(env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:

@@ -1,0 +1,45 @@
+"""Finding folders this process may write to: the compiled-model cache, matplotlib's config."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def writable(folder: Path) -> bool:
+    """Whether `folder` exists (created if need be) and this process may create files in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def private_temp_dir(name: str = "cuddle-or-not") -> Path | None:
+    """A folder of this user's own in the temporary directory (0700, so that no other local user
+    can plant files there), or None if there is none to be had."""
+    folder = Path(tempfile.gettempdir()) / f"{name}-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = folder.stat()
+    except OSError:
+        return None
+    return folder if info.st_uid == os.getuid() and not info.st_mode & 0o077 else None
+
+
+def ensure_matplotlib_config_dir() -> None:
+    """fastai imports matplotlib, which wants ~/.config/matplotlib and ~/.cache/matplotlib. A
+    container's user often has no home (the Dockerfile's has none): matplotlib would then log a
+    permission error, a warning and a font-cache rebuild at every start. Point it at a private
+    temporary folder instead, unless MPLCONFIGDIR is set."""
+    if os.environ.get("MPLCONFIGDIR"):
+        return
+    home = Path(os.path.expanduser("~"))
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config") / "matplotlib"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache") / "matplotlib"
+    if writable(config) and writable(cache):
+        return
+    temp = private_temp_dir()
+    if temp is not None:
+        os.environ["MPLCONFIGDIR"] = str(temp / "matplotlib")
