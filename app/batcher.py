@@ -13,10 +13,11 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,7 @@ _STOP = object()
 
 
 class InferenceWorker:
-    def __init__(self, infer: Callable[[np.ndarray], np.ndarray], max_batch: int, capacity: int,
+    def __init__(self, infer: Callable[[np.ndarray], Sequence[Any]], max_batch: int, capacity: int,
                  observe: BatchObserver | None = None):
         self._infer = infer
         self._max_batch = max_batch
@@ -76,8 +77,8 @@ class InferenceWorker:
             with self._lock:
                 self._admitted -= 1
 
-    async def predict(self, array: np.ndarray) -> np.ndarray:
-        """Class probabilities for one prepared input. Cancelling the caller (a client that went
+    async def predict(self, array: np.ndarray) -> Any:
+        """The result for one prepared input (`infer`'s row for it). Cancelling the caller (a client that went
         away) cancels the job if it has not started, so no work is wasted on it."""
         job = _Job(array)
         self._queue.put(job)
@@ -107,14 +108,14 @@ class InferenceWorker:
                 continue
             started = time.perf_counter()
             try:
-                probs = self._infer(np.stack([job.array for job in jobs]))
+                results = self._infer(np.stack([job.array for job in jobs]))
             except Exception as exc:  # reported to each caller; the worker keeps serving
                 log.exception("inference failed")
                 for job in jobs:
                     job.future.set_exception(exc)
                 continue
             done = time.perf_counter()
-            for job, row in zip(jobs, probs, strict=True):
+            for job, row in zip(jobs, results, strict=True):
                 job.future.set_result(row)
             if self._observe is not None:
                 self._observe(len(jobs), [started - job.enqueued for job in jobs], done - started)

@@ -14,20 +14,28 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from app.folders import private_temp_dir, writable
 from app.model_store import ModelFile, sha256_file
-from app.predictor import ACTIVATIONS, FastPreprocess, Predictor, onnx_cache_path, onnx_runner, write_atomically
+from app.predictor import (
+    ACTIVATIONS,
+    FastPreprocess,
+    Predictor,
+    inference,
+    onnx_cache_path,
+    onnx_runner,
+    write_atomically,
+)
 
 log = logging.getLogger("app.compiled")
 
 # Bump when the meaning of a manifest field changes, so that older manifests are not trusted.
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
 # Everything that shapes what the learner predicts or how its preprocessing is reproduced.
 VERSIONED_PACKAGES = ("fastai", "fastcore", "torch", "torchvision", "onnxruntime", "numpy", "pillow")
 
@@ -40,6 +48,7 @@ class Manifest:
     preprocess: dict[str, Any]
     activation: str
     versions: dict[str, str]
+    features: bool = False  # the ONNX graph also outputs the detector's pooled features
     format: int = MANIFEST_FORMAT
 
     def serves_like(self, other: Manifest) -> bool:
@@ -54,9 +63,35 @@ class CompiledModel:
     manifest: Manifest
 
 
-def manifest_path(file: ModelFile) -> Path:
-    cache = onnx_cache_path(file.path, file.sha256)
-    return cache.with_name(cache.name + ".json")
+def manifest_path(onnx_path: Path) -> Path:
+    """The record of a compiled model's check sits next to it."""
+    return onnx_path.with_name(onnx_path.name + ".json")
+
+
+@dataclass(frozen=True)
+class CacheDirs:
+    """Where compiled models are looked for, in order, and where a new one is written."""
+
+    lookup: tuple[Path, ...]
+    write: Path | None
+    fallback_note: str | None = None  # why `write` is not the configured or model folder, if it is not
+
+
+def cache_dirs(model_path: Path, configured: Path | None) -> CacheDirs:
+    """CACHE_DIR if set, then the export's own folder; if neither is writable, a private temporary
+    folder (which a new container does not keep)."""
+    candidates = [*([configured] if configured else []), model_path.parent]
+    write = next((d for d in candidates if writable(d)), None)
+    note = None
+    if write is None:
+        write = private_temp_dir()
+        which = f"CACHE_DIR {configured}" if configured else f"the model folder {model_path.parent}"
+        note = (f"{which} is not writable by uid {os.getuid()}: the compiled model is kept in {write} instead, "
+                "which a new container does not keep, so each new container loads the learner before it is ready "
+                "(about 10 s instead of 1 s); set CACHE_DIR to a writable, persistent folder or make the model "
+                "folder writable (see README, Deploy)")
+    lookup = tuple(dict.fromkeys(d for d in [*candidates, write] if d is not None))
+    return CacheDirs(lookup, write, note)
 
 
 def installed_versions() -> dict[str, str]:
@@ -70,7 +105,7 @@ def installed_versions() -> dict[str, str]:
     return versions
 
 
-def manifest_for(file: ModelFile, predictor: Predictor, vocab: list[str]) -> Manifest | None:
+def manifest_for(file: ModelFile, predictor: Predictor, vocab: list[str], features: bool) -> Manifest | None:
     """The manifest of a predictor built from the learner, or None if it needs torch or fastai to run
     (fastai preprocessing, the torch backend, a custom activation, or no ONNX file kept on disk)."""
     if (predictor.onnx_path is None or not isinstance(predictor.prepare, FastPreprocess)
@@ -78,30 +113,40 @@ def manifest_for(file: ModelFile, predictor: Predictor, vocab: list[str]) -> Man
         return None
     return Manifest(export_sha256=file.sha256, onnx_sha256=sha256_file(predictor.onnx_path), vocab=list(vocab),
                     preprocess=predictor.prepare.spec(), activation=predictor.activation,
-                    versions=installed_versions())
+                    versions=installed_versions(), features=features)
 
 
-def save_manifest(file: ModelFile, manifest: Manifest) -> None:
+def save_manifest(onnx_path: Path, manifest: Manifest) -> None:
     """Record that this compiled model answered like its learner. Best effort: a read-only model
     folder only means later starts take the full path too."""
     try:
-        write_atomically(manifest_path(file), json.dumps(asdict(manifest), indent=2).encode())
+        write_atomically(manifest_path(onnx_path), json.dumps(asdict(manifest), indent=2).encode())
     except OSError as exc:
         log.info("not recording the compiled model's check (%s): later starts will load the learner first", exc)
 
 
-def load_compiled(file: ModelFile, threads: int) -> CompiledModel | None:
-    """The compiled model recorded for exactly this export and these versions, or None."""
-    path = manifest_path(file)
+def load_compiled(file: ModelFile, folders: tuple[Path, ...], threads: int, features: bool) -> CompiledModel | None:
+    """The compiled model recorded for exactly this export and these versions in the first of
+    `folders` that has one, or None."""
+    for folder in folders:
+        compiled = _load_compiled_from(folder, file, threads, features)
+        if compiled is not None:
+            return compiled
+    return None
+
+
+def _load_compiled_from(folder: Path, file: ModelFile, threads: int, features: bool) -> CompiledModel | None:
+    onnx_path = onnx_cache_path(file.path, file.sha256, features, folder)
+    path = manifest_path(onnx_path)
     if not path.exists():
         return None
     try:
         manifest = Manifest(**json.loads(path.read_text()))
-        if manifest.format != MANIFEST_FORMAT or manifest.export_sha256 != file.sha256:
+        if (manifest.format != MANIFEST_FORMAT or manifest.export_sha256 != file.sha256
+                or manifest.features != features):
             raise ValueError("it was written for another export or by another version of this service")
         if manifest.versions != installed_versions():
             raise ValueError(f"it was checked with other library versions ({manifest.versions})")
-        onnx_path = onnx_cache_path(file.path, file.sha256)
         if sha256_file(onnx_path) != manifest.onnx_sha256:
             raise ValueError(f"{onnx_path.name} changed since it was checked")
         prepare = FastPreprocess.from_spec(manifest.preprocess)
@@ -111,9 +156,6 @@ def load_compiled(file: ModelFile, threads: int) -> CompiledModel | None:
         log.info("not using %s: %s", path.name, exc)
         return None
 
-    def infer(batch: np.ndarray) -> np.ndarray:
-        return to_probs(run(batch))
-
-    predictor = Predictor(prepare=prepare, infer=infer, backend="onnx", preprocessing="pillow-numpy",
+    predictor = Predictor(prepare=prepare, infer=inference(run, to_probs), backend="onnx", preprocessing="pillow-numpy",
                           draft_size=prepare.draft_size, activation=manifest.activation, onnx_path=onnx_path)
     return CompiledModel(predictor, list(manifest.vocab), manifest)

@@ -29,6 +29,10 @@ from app.model_store import ModelLoadError
 log = logging.getLogger("app.predictor")
 
 Preprocess = Callable[[Image.Image], np.ndarray]
+# A model runtime: a batch in, its outputs out (logits, then the pooled features when asked for).
+Runner = Callable[[np.ndarray], list[np.ndarray]]
+# What a predictor gives for a batch: class probabilities, and the detector's features (or None).
+Inference = tuple[np.ndarray, np.ndarray | None]
 # Largest difference allowed between the fast path and fastai's for the fast path to be used.
 SELF_CHECK_TOLERANCE = 1e-4
 
@@ -192,30 +196,32 @@ def fastai_preprocess(learn: Any) -> Preprocess:
 # --- Model runtimes ------------------------------------------------------------------------------
 
 
-def torch_runner(model: Any, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+def torch_runner(model: Any, threads: int) -> Runner:
     import torch
 
     torch.set_num_threads(threads)
     model.eval()
 
-    def run(batch: np.ndarray) -> np.ndarray:
+    def run(batch: np.ndarray) -> list[np.ndarray]:
         with torch.inference_mode():
             out = model(torch.from_numpy(batch))
-        return out.float().cpu().numpy()
+        return [t.float().cpu().numpy() for t in (out if isinstance(out, tuple) else (out,))]
 
     return run
 
 
-def export_onnx(model: Any, sample: np.ndarray, dest: Path) -> None:
-    """Export to ONNX with a dynamic batch axis, written atomically next to `dest`."""
+def export_onnx(model: Any, sample: np.ndarray, dest: Path, features: bool = False) -> None:
+    """Export to ONNX with a dynamic batch axis, written atomically next to `dest`. With `features`,
+    `model` is an `app.features.LogitsAndFeatures` and the graph has a second output."""
     import torch
 
+    outputs = ["logits", "features"] if features else ["logits"]
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
-            model.eval(), (torch.from_numpy(sample),), buffer, input_names=["input"], output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+            model.eval(), (torch.from_numpy(sample),), buffer, input_names=["input"], output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in ["input", *outputs]}, opset_version=17, dynamo=False,
         )
     write_atomically(dest, buffer.getvalue())
 
@@ -235,7 +241,10 @@ def write_atomically(dest: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def onnx_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+def onnx_runner(path: Path, threads: int) -> Runner:
+    # Read when onnxruntime is first imported. Telemetry has no place in a self-hosted service,
+    # and where the user has no home folder ONNX Runtime logs a warning about it at every start.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -248,16 +257,18 @@ def onnx_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def run(batch: np.ndarray) -> np.ndarray:
-        return session.run(None, {"input": batch})[0]
+    def run(batch: np.ndarray) -> list[np.ndarray]:
+        return session.run(None, {"input": batch})
 
     return run
 
 
-def onnx_cache_path(model_path: Path, sha256: str) -> Path:
-    """The compiled model lives next to the export, named by the export's hash, so a changed
-    export.pkl can never be served from a stale cache."""
-    return model_path.with_name(f"{model_path.stem}.{sha256[:16]}.onnx")
+def onnx_cache_path(model_path: Path, sha256: str, features: bool = False, cache_dir: Path | None = None) -> Path:
+    """The compiled model lives in `cache_dir` (default: next to the export), named by the export's
+    hash (and by whether it also outputs the detector's features), so a changed export.pkl can never
+    be served from a stale cache."""
+    name = f"{model_path.stem}.{sha256[:16]}{'.features' if features else ''}.onnx"
+    return (cache_dir or model_path.parent) / name
 
 
 # --- The predictor -------------------------------------------------------------------------------
@@ -265,10 +276,11 @@ def onnx_cache_path(model_path: Path, sha256: str) -> Path:
 
 @dataclass
 class Predictor:
-    """`prepare` turns an image into model input (any thread); `infer` runs a batch (one thread)."""
+    """`prepare` turns an image into model input (any thread); `infer` runs a batch (one thread) and
+    gives its class probabilities, and its pooled features when built with `features=True`."""
 
     prepare: Preprocess
-    infer: Callable[[np.ndarray], np.ndarray]
+    infer: Callable[[np.ndarray], Inference]
     backend: str
     preprocessing: str
     draft_size: tuple[int, int] | None
@@ -318,9 +330,14 @@ def sample_image() -> Image.Image:
     return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
 
 
-def build_predictor(learn: Any, model_path: Path, sha256: str, threads: int, backend: str = "auto") -> Predictor:
-    """The fastest predictor that gives the same answers as the learner."""
+def build_predictor(learn: Any, model_path: Path, sha256: str, threads: int, backend: str = "auto",
+                    features: bool = False, cache_dir: Path | None = None) -> Predictor:
+    """The fastest predictor that gives the same answers as the learner (and, with `features`, the
+    same pooled features from the same forward pass, for the unfamiliar-image detector). The
+    compiled model is kept in `cache_dir` (default: next to the export)."""
     import torch
+
+    from app.features import with_features
 
     torch.set_num_threads(threads)
     img = sample_image()
@@ -337,15 +354,21 @@ def build_predictor(learn: Any, model_path: Path, sha256: str, threads: int, bac
         prepare, preprocessing, draft = reference, "fastai", None
 
     model = learn.model.eval()
+    if features:
+        model = with_features(model)
+        if model is None:
+            raise ModelLoadError("the model has a detector file but is not shaped like a fastai vision_learner "
+                                 "model (body, then a head that pools and flattens): remove the detector file")
     activation_name, to_probs = activation(learn)
     torch_run = torch_runner(model, threads)
     batch = expected_input[None]
-    expected_logits = torch_run(batch)
+    expected = torch_run(batch)
     run, used, onnx_path = torch_run, "torch", None
     if backend in ("auto", "onnx"):
         try:
-            run, onnx_path = _onnx_with_cache(model, batch, model_path, sha256, threads)
-            diff = float(np.abs(run(batch) - expected_logits).max())
+            cache = onnx_cache_path(model_path, sha256, features, cache_dir)
+            run, onnx_path = _onnx_with_cache(model, batch, cache, threads, features)
+            diff = max(float(np.abs(got - want).max()) for got, want in zip(run(batch), expected, strict=True))
             if diff > 1e-3:
                 raise ValueError(f"ONNX output differs from torch by {diff:.2g}")
             used = "onnx"
@@ -356,29 +379,33 @@ def build_predictor(learn: Any, model_path: Path, sha256: str, threads: int, bac
             log.warning("ONNX path unusable, serving with torch (%s: %s)", type(exc).__name__, exc)
             run, onnx_path = torch_run, None
 
-    def infer(x: np.ndarray) -> np.ndarray:
-        return to_probs(run(x))
-
-    return Predictor(prepare=prepare, infer=infer, backend=used, preprocessing=preprocessing, draft_size=draft,
-                     activation=activation_name, onnx_path=onnx_path)
+    return Predictor(prepare=prepare, infer=inference(run, to_probs), backend=used, preprocessing=preprocessing,
+                     draft_size=draft, activation=activation_name, onnx_path=onnx_path)
 
 
-def _onnx_with_cache(model: Any, batch: np.ndarray, model_path: Path, sha256: str,
-                     threads: int) -> tuple[Callable[[np.ndarray], np.ndarray], Path | None]:
+def inference(run: Runner, to_probs: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], Inference]:
+    def infer(batch: np.ndarray) -> Inference:
+        logits, *features = run(batch)
+        return to_probs(logits), (features[0] if features else None)
+
+    return infer
+
+
+def _onnx_with_cache(model: Any, batch: np.ndarray, cache: Path, threads: int,
+                     features: bool) -> tuple[Runner, Path | None]:
     """An ONNX Runtime runner and the cache file it was loaded from (None if it could not be kept)."""
-    cache = onnx_cache_path(model_path, sha256)
     if cache.exists():
         try:
             return onnx_runner(cache, threads), cache
         except Exception as exc:  # unreadable or truncated cache: rebuild it below
             log.warning("ignoring unreadable ONNX cache %s (%s)", cache, exc)
     try:
-        export_onnx(model, batch, cache)
+        export_onnx(model, batch, cache, features)
         log.info("compiled model to %s", cache)
         return onnx_runner(cache, threads), cache
-    except PermissionError:
-        # Read-only model folder: compile to a temporary file for this process only.
+    except OSError:
+        # Read-only cache folder: compile to a temporary file for this process only.
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / cache.name
-            export_onnx(model, batch, path)
+            export_onnx(model, batch, path, features)
             return onnx_runner(path, threads), None

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -197,10 +198,13 @@ class LoadResult:
 def bare_onnx(model: Path, batch: int, seconds: float = 4.0) -> dict[str, float]:
     """The server's compiled ONNX model alone (no decoding, no HTTP), in a process of its own:
     images per second ("rate") and CPU milliseconds per image ("cpu_ms")."""
+    from app.detector import detector_path
     from app.model_store import sha256_file
     from app.predictor import onnx_cache_path
 
-    out = subprocess.run([sys.executable, "-m", "bench.bare", str(onnx_cache_path(model, sha256_file(model))),
+    # The file the server compiled: with the detector's second output when the model has one.
+    compiled = onnx_cache_path(model, sha256_file(model), features=detector_path(model).exists())
+    out = subprocess.run([sys.executable, "-m", "bench.bare", str(compiled),
                           str(batch), str(seconds), str(os.cpu_count() or 1)],
                          cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
@@ -211,8 +215,12 @@ def bare_torch(model: Path, batch: int, seconds: float = 4.0) -> float:
     import torch
     from fastai.learner import load_learner
 
+    from bench.bare import input_size
+
     learn = load_learner(model, cpu=True)
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32))
+    compiled = next(model.parent.glob(f"{model.stem}.*.onnx"))
+    shape = (batch, 3, *input_size(compiled))
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
     torch.set_num_threads(os.cpu_count() or 1)
     with torch.inference_mode():
         learn.model.eval()(x)
@@ -267,6 +275,7 @@ def bench_model(label: str, model: Path, images: dict[str, Path], levels: list[i
         # pass are measured in alternating rounds and compared round by round.
         rounds = [(bare_onnx(model, MAX_BATCH), LoadResult.run(ours, images["640x480"], levels[-1], seconds,
                                                                max_requests)) for _ in range(3)]
+        detector_rounds = detector_cost(model, ours, images["640x480"], levels[-1], seconds, max_requests)
         rss = {s.name: s.peak_rss_mb() for s in (ours, baseline)}
     finally:
         ours.stop()
@@ -299,7 +308,49 @@ def bench_model(label: str, model: Path, images: dict[str, Path], levels: list[i
                  f"generator (all on the same {os.cpu_count()} cores)")
     lines.append(f"bare torch forward pass at batch {MAX_BATCH}: {bare_torch(model, MAX_BATCH):.1f} img/s; "
                  f"ONNX Runtime at batch 1: {bare_onnx(model, 1)['rate']:.1f} img/s")
+    if detector_rounds:
+        ratios = [with_.rps / without.rps for with_, without in detector_rounds]
+        lines.append(f"unfamiliar-image detector: {detector_ms_per_image(model):.3f} ms per image on its own; at "
+                     f"concurrency {levels[-1]} (640x480), in alternating rounds with the same export served "
+                     "without it: " + "; ".join(f"{w.rps:.1f} vs {wo.rps:.1f} req/s" for w, wo in detector_rounds)
+                     + f"; with the detector {', '.join(f'{r:.0%}' for r in ratios)} of the rate without "
+                       f"(median {sorted(ratios)[1]:.0%})")
     return lines
+
+
+def detector_cost(model: Path, ours: Server, image: Path, concurrency: int, seconds: float,
+                  max_requests: int) -> list[tuple[LoadResult, LoadResult]]:
+    """Ours with the model's detector against ours on a copy of the export without one, in
+    alternating rounds: (with, without) per round; empty if the model has no detector."""
+    from app.detector import detector_path
+
+    if not detector_path(model).exists():
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        bare_model = Path(tmp) / model.name
+        shutil.copy(model, bare_model)
+        check = subprocess.run([sys.executable, "-m", "app", "--check"], cwd=ROOT, capture_output=True,
+                               env={**os.environ, "MODEL_PATH": str(bare_model)})
+        assert check.returncode == 0, check.stderr
+        without = start_ours(bare_model)
+        try:
+            return [(LoadResult.run(ours, image, concurrency, seconds, max_requests),
+                     LoadResult.run(without, image, concurrency, seconds, max_requests)) for _ in range(3)]
+        finally:
+            without.stop()
+
+
+def detector_ms_per_image(model: Path, batch: int = MAX_BATCH, repeat: int = 200) -> float:
+    """The detector's own work for a batch (one matrix product against the training features)."""
+    from app.detector import Detector, detector_path
+    from app.model_store import sha256_file
+
+    detector = Detector.load(detector_path(model), sha256_file(model))
+    features = np.random.default_rng(0).standard_normal((batch, detector.reference.shape[1])).astype(np.float32)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        detector.unfamiliar(features)
+    return (time.perf_counter() - t0) / repeat / batch * 1000
 
 
 def main() -> int:

@@ -17,9 +17,17 @@ import numpy as np
 from app.predictor import onnx_runner
 
 
+def input_size(onnx: Path) -> tuple[int, int]:
+    """The (height, width) the compiled model was traced with."""
+    import onnx as onnx_format
+
+    dims = onnx_format.load(str(onnx)).graph.input[0].type.tensor_type.shape.dim
+    return int(dims[2].dim_value), int(dims[3].dim_value)
+
+
 def measure(onnx: Path, batch: int, seconds: float, threads: int) -> dict[str, float]:
     run = onnx_runner(onnx, threads)
-    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((batch, 3, *input_size(onnx))).astype(np.float32)
     run(x)
     n, t0, cpu0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:

@@ -84,13 +84,30 @@ function createCard(title) {
   return { card, img, body, status, progress };
 }
 
-function showPredictions(view, predictions) {
+// What a model with an unfamiliar-image detector says about a photo like none it was trained on.
+function unfamiliarText() {
+  if (state.verdicts) return "It doesn't look like a bear or a teddy bear to me.";
+  return `It doesn't look like any of the things I know (${state.classes.join(", ")}).`;
+}
+
+function showResult(view, result) {
   view.progress.remove();
   view.status.remove();
+  const predictions = result.predictions;
   const [topLabel, topP] = predictions[0];
   const verdict = el("div", "verdict");
   const known = state.verdicts && state.verdicts[topLabel];
-  if (topP < UNSURE_BELOW) {
+  const bars = el("ol", "bars");
+  bars.setAttribute("aria-label", "Probability of each class");
+  if (result.unfamiliar === true) {
+    // Never "Cuddle it!" or "Don't cuddle!" for a photo the model was not made for: its
+    // probabilities are shown, but only as a secondary, labelled guess.
+    view.card.classList.add("unfamiliar");
+    verdict.append(el("p", "answer", "I don't know this one"), el("p", "detail", unfamiliarText()));
+    bars.setAttribute("aria-label", "What the model would guess anyway (not to be trusted for this photo)");
+    bars.classList.add("secondary");
+    view.body.append(verdict, el("p", "bars-caption", "If it had to guess:"));
+  } else if (topP < UNSURE_BELOW) {
     view.card.classList.add("unsure");
     verdict.append(el("p", "answer", "Not sure"),
       el("p", "detail", `The model can't tell. Its best guess is ${topLabel} (${percent(topP)}). Try a clearer photo.`));
@@ -100,8 +117,6 @@ function showPredictions(view, predictions) {
   } else {
     verdict.append(el("p", "answer", topLabel), el("p", "detail", `${percent(topP)} sure`));
   }
-  const bars = el("ol", "bars");
-  bars.setAttribute("aria-label", "Probability of each class");
   for (const [label, p] of predictions) {
     const item = el("li", "bar-row");
     const track = el("span", "bar-track");
@@ -112,7 +127,8 @@ function showPredictions(view, predictions) {
     item.append(el("span", "bar-label", label), track, el("span", "bar-value", percent(p)));
     bars.append(item);
   }
-  view.body.append(verdict, bars);
+  if (!verdict.isConnected) view.body.append(verdict);
+  view.body.append(bars);
 }
 
 function showError(view, message) {
@@ -154,7 +170,7 @@ function postPhoto(blob, filename, view) {
       view.status.textContent = "Classifying…";
     };
     xhr.onload = () => {
-      if (xhr.status === 200) resolve(JSON.parse(xhr.responseText).predictions);
+      if (xhr.status === 200) resolve(JSON.parse(xhr.responseText));
       else reject(new Error(errorMessage(xhr.status, xhr.responseText)));
     };
     xhr.onerror = () => reject(new Error(errorMessage(0, "")));
@@ -198,7 +214,7 @@ async function classifyFile(file) {
     const upload = await downscale(file);
     view.img.src = URL.createObjectURL(upload);
     view.status.textContent = "Uploading…";
-    showPredictions(view, await postPhoto(upload, upload.name || "photo.jpg", view));
+    showResult(view, await postPhoto(upload, upload.name || "photo.jpg", view));
   } catch (err) {
     showError(view, err.message);
   } finally {
@@ -222,7 +238,7 @@ async function classifyUrl(url) {
     const resp = await fetch(`/classify-url?url=${encodeURIComponent(url)}`);
     const text = await resp.text();
     if (!resp.ok) throw new Error(errorMessage(resp.status, text));
-    showPredictions(view, JSON.parse(text).predictions);
+    showResult(view, JSON.parse(text));
   } catch (err) {
     showError(view, err instanceof TypeError ? errorMessage(0, "") : err.message);
   } finally {

@@ -38,6 +38,19 @@ def model_file(model: Path) -> ModelFile:
     return ModelFile(model, sha256_file(model), None)
 
 
+# The tiny export comes with an unfamiliar-image detector, so its compiled model has two outputs.
+def compiled_path(model: Path) -> Path:
+    return onnx_cache_path(model, sha256_file(model), features=True)
+
+
+def record_path(model: Path) -> Path:
+    return manifest_path(compiled_path(model))
+
+
+def load_beside(model: Path):
+    return load_compiled(model_file(model), (model.parent,), threads=1, features=True)
+
+
 @pytest.fixture(scope="module")
 def checked_once(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("checked") / "model"
@@ -75,7 +88,7 @@ def test_normalisation_is_fastais_float32_arithmetic_exactly():
 
 def test_a_checked_model_is_served_again_without_importing_torch_or_fastai(checked, tiny_learner):
     model_copy = checked
-    assert manifest_path(model_file(model_copy)).exists()
+    assert record_path(model_copy).exists()
     img_path = model_copy.parent / "probe.png"
     synthetic_image((40, 180, 60), size=(70, 50), seed=3).save(img_path)
     script = textwrap.dedent(f"""
@@ -85,9 +98,10 @@ def test_a_checked_model_is_served_again_without_importing_torch_or_fastai(check
         from app.compiled import load_compiled
         from app.model_store import ModelFile, sha256_file
         model = Path({str(model_copy)!r})
-        compiled = load_compiled(ModelFile(model, sha256_file(model), None), threads=1)
+        compiled = load_compiled(ModelFile(model, sha256_file(model), None), (model.parent,), 1, features=True)
         p = compiled.predictor
-        probs = p.infer(p.prepare(Image.open({str(img_path)!r}).convert("RGB"))[None])[0]
+        probs, features = p.infer(p.prepare(Image.open({str(img_path)!r}).convert("RGB"))[None])
+        probs = probs[0]
         heavy = sorted(m for m in ("torch", "fastai", "torchvision") if m in sys.modules)
         print(json.dumps({{"vocab": compiled.vocab, "probs": probs.tolist(), "heavy": heavy}}))
     """)
@@ -101,13 +115,13 @@ def test_a_checked_model_is_served_again_without_importing_torch_or_fastai(check
 
 
 def tamper_onnx(model: Path) -> None:
-    cache = onnx_cache_path(model, sha256_file(model))
+    cache = compiled_path(model)
     cache.write_bytes(cache.read_bytes() + b"\0")
 
 
 def edit_manifest(**changes):
     def edit(model: Path) -> None:
-        path = manifest_path(model_file(model))
+        path = record_path(model)
         path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
     return edit
 
@@ -118,18 +132,18 @@ def edit_manifest(**changes):
     pytest.param(edit_manifest(format=0), id="older manifest format"),
     pytest.param(edit_manifest(export_sha256="0" * 64), id="written for another export"),
     pytest.param(edit_manifest(activation="relu"), id="unknown activation"),
-    pytest.param(lambda model: manifest_path(model_file(model)).write_text("{not json"), id="corrupt manifest"),
+    pytest.param(lambda model: record_path(model).write_text("{not json"), id="corrupt manifest"),
 ])
 def test_the_record_is_ignored_when_anything_changed(checked, change):
-    assert load_compiled(model_file(checked), threads=1) is not None
+    assert load_beside(checked) is not None
     change(checked)
-    assert load_compiled(model_file(checked), threads=1) is None
+    assert load_beside(checked) is None
 
 
 def test_a_changed_export_is_never_served_from_the_old_record(checked):
     with open(checked, "ab") as f:
         f.write(b"\0")  # still loadable (zip readers ignore trailing bytes), but another file
-    assert load_compiled(model_file(checked), threads=1) is None
+    assert load_beside(checked) is None
 
 
 def test_restart_is_ready_before_the_learner_loads_and_answers_the_same(model_copy, tmp_path):
@@ -167,7 +181,7 @@ def test_a_learner_that_disagrees_with_the_record_replaces_it(checked):
     """A record that passes every identity check but describes other preprocessing (as a bug in an
     older version of this service might have written) is corrected by the background check."""
     model_copy = checked
-    path = manifest_path(model_file(model_copy))
+    path = record_path(model_copy)
     recorded = json.loads(path.read_text())
     edit_manifest(preprocess={**recorded["preprocess"], "mean": [0.9, 0.9, 0.9]})(model_copy)
 

@@ -49,7 +49,7 @@ def test_predictions_equal_learn_predict(tiny_learner, model_copy):
     assert predictor.backend == "onnx" and predictor.preprocessing == "pillow-numpy"
     for seed, colour in enumerate([(200, 40, 40), (40, 180, 60), (40, 60, 200), (128, 128, 128)]):
         img = synthetic_image(colour, size=(90 + seed * 40, 120), seed=seed)
-        probs = predictor.infer(predictor.prepare(img)[None])[0]
+        probs = predictor.infer(predictor.prepare(img)[None])[0][0]
         expected = tiny_learner.predict(img)[2].numpy()
         assert np.abs(probs - expected).max() < 1e-5
 
@@ -80,7 +80,7 @@ def test_torch_backend_and_fastai_preprocessing_fallbacks(tiny_learner, tiny_exp
     predictor = build_predictor(learn, model_copy, sha256_file(model_copy), threads=1, backend="torch")
     assert predictor.backend == "torch" and predictor.preprocessing == "fastai"
     img = synthetic_image((200, 40, 40), size=(100, 80))
-    probs = predictor.infer(predictor.prepare(img)[None])[0]
+    probs = predictor.infer(predictor.prepare(img)[None])[0][0]
     assert np.abs(probs - learn.predict(img)[2].numpy()).max() < 1e-5
 
 
@@ -128,7 +128,7 @@ def test_default_model_fast_path_matches_learn_predict_on_real_photos():
     enlarged = [camera_sized(photos[i]) for i in range(0, 24, 4)]
     worst = 0.0
     for data in photos + enlarged:
-        fast = predictor.infer(predictor.prepare(decode_image(data, draft_size=predictor.draft_size))[None])[0]
+        fast = predictor.infer(predictor.prepare(decode_image(data, draft_size=predictor.draft_size))[None])[0][0]
         with learn.no_bar():
             _, index, reference = learn.predict(decode_image(data))
         assert int(np.argmax(fast)) == int(index)

@@ -1,0 +1,121 @@
+"""Does a photo look like the ones the model was trained on? The unfamiliar-image detector.
+
+A classifier always answers with one of its classes, so a photo of a child, a cat or a cup of
+coffee would get "teddys" or "grizzly", often with high confidence. The detector works on the
+model's own features (the pooled body features that fastai's head takes as input, from the same
+forward pass that gives the logits): a photo is *unfamiliar* when its cosine similarity to its k-th
+nearest training image is below a threshold. The threshold is set on the validation split only, so
+that a chosen share of real validation photos (97% by default) are still called familiar.
+
+`python -m app.train` fits one for every model it makes and saves it next to the export
+(`<export stem>.detector.npz`), bound to the export's sha256: a detector is never paired with
+another export. The serving path needs only NumPy here, so the fast restart path keeps working.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.predictor import write_atomically
+
+METHOD = "knn-cosine"
+FEATURE = "pooled"  # the input of fastai's head: the concatenated average- and max-pooled body output
+FORMAT = 1
+
+
+class DetectorError(ValueError):
+    """A detector file that cannot be used with this export."""
+
+
+def l2_normalised(features: np.ndarray) -> np.ndarray:
+    features = np.asarray(features, dtype=np.float32)
+    norms = np.linalg.norm(features, axis=-1, keepdims=True)
+    return features / np.maximum(norms, np.float32(1e-12))
+
+
+def knn_similarity(reference: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Cosine similarity of each query to its k-th most similar row of `reference` (both already
+    L2-normalised). One matrix product: well under a millisecond per image for a few thousand rows."""
+    sims = queries @ reference.T
+    k = min(k, reference.shape[0])
+    return np.partition(sims, -k, axis=1)[:, -k]
+
+
+def threshold_keeping(scores: np.ndarray, keep: float) -> float:
+    """The threshold that leaves at least a share `keep` of `scores` at or above it: the lowest
+    `floor((1 - keep) * n)` scores fall below it (lower scores are less familiar)."""
+    ordered = np.sort(np.asarray(scores, dtype=np.float32))
+    return float(ordered[min(len(ordered) - 1, int(np.floor((1.0 - keep) * len(ordered) + 1e-9)))])
+
+
+@dataclass(frozen=True)
+class Detector:
+    export_sha256: str
+    reference: np.ndarray = field(repr=False)  # L2-normalised features of the training images
+    k: int
+    threshold: float  # similarity below this: unfamiliar
+    valid_false_flag_rate: float  # share of the validation split's real photos called unfamiliar
+    valid_images: int
+    method: str = METHOD
+    feature: str = FEATURE
+
+    @classmethod
+    def fit(cls, export_sha256: str, train_features: np.ndarray, valid_features: np.ndarray, k: int,
+            keep: float = 0.97) -> Detector:
+        """A detector on these training features, its threshold set to keep `keep` of the validation
+        photos familiar. Validation photos are never in the reference set, so their scores are what
+        a new real photo would get."""
+        reference = l2_normalised(train_features)
+        valid_scores = knn_similarity(reference, l2_normalised(valid_features), k)
+        threshold = threshold_keeping(valid_scores, keep)
+        flagged = float(np.mean(valid_scores < threshold))
+        return cls(export_sha256, reference, k, threshold, flagged, len(valid_scores))
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        """Higher is more familiar."""
+        return knn_similarity(self.reference, l2_normalised(features), self.k)
+
+    def unfamiliar(self, features: np.ndarray) -> np.ndarray:
+        return self.scores(features) < np.float32(self.threshold)
+
+    def describe(self) -> dict[str, Any]:
+        """What `/model` and the model card say about the detector."""
+        return {"method": self.method, "feature": self.feature, "k": self.k, "threshold": round(self.threshold, 6),
+                "valid_false_flag_rate": round(self.valid_false_flag_rate, 4), "valid_images": self.valid_images,
+                "reference_images": int(self.reference.shape[0])}
+
+    def save(self, path: Path) -> None:
+        meta = {key: value for key, value in asdict(self).items() if key != "reference"}
+        meta["format"] = FORMAT
+        buffer = io.BytesIO()
+        # float16 halves the file; cosine similarities move by ~1e-4, far below the threshold's margin.
+        np.savez(buffer, reference=self.reference.astype(np.float16), meta=np.array(json.dumps(meta)))
+        write_atomically(path, buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: Path, export_sha256: str) -> Detector:
+        """The detector saved at `path`; `DetectorError` if it is unreadable or made for another export."""
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                meta = json.loads(str(archive["meta"]))
+                reference = archive["reference"].astype(np.float32)
+            if meta.pop("format") != FORMAT or meta.get("method") != METHOD:
+                raise DetectorError(f"{path.name} is of another format or method")
+            detector = cls(reference=reference, **meta)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DetectorError(f"{path.name} is not a readable detector ({exc})") from None
+        if detector.export_sha256 != export_sha256:
+            raise DetectorError(f"{path.name} was made for another export (sha256 {detector.export_sha256[:12]}, "
+                                f"not {export_sha256[:12]}): retrain with python -m app.train, or remove it "
+                                "to serve without an unfamiliar-image detector")
+        return detector
+
+
+def detector_path(model_path: Path) -> Path:
+    return model_path.with_name(f"{model_path.stem}.detector.npz")
