@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,27 +41,25 @@ class Outputs:
     failed: list[Path]
 
 
-def predict_files(predictor: Predictor, detector: Detector | None, files: Iterable[Path], batch_size: int = 16,
-                  max_pixels: int = MAX_PIXELS) -> Outputs:
-    """Run the predictor on image files exactly as the server runs it on uploads."""
+def run_over_files(files: Iterable[Path], prepare: Callable[[bytes], np.ndarray],
+                   run: Callable[[np.ndarray], Sequence[Any]],
+                   batch_size: int = 16) -> tuple[list[Path], list[Path], list[np.ndarray | None]]:
+    """`run` on batches of prepared image files: the files that decoded, those that did not, and
+    each of `run`'s outputs concatenated over the batches (None where `run` gave None; no outputs at
+    all if nothing decoded)."""
     kept: list[Path] = []
     failed: list[Path] = []
-    probs, features = [], []
+    results: list[Sequence[Any]] = []
     pending: list[np.ndarray] = []
 
     def flush() -> None:
-        if not pending:
-            return
-        batch = np.stack(pending)
-        p, f = predictor.infer(batch)
-        probs.append(p)
-        if f is not None:
-            features.append(f)
-        pending.clear()
+        if pending:
+            results.append(run(np.stack(pending)))
+            pending.clear()
 
     for path in files:
         try:
-            pending.append(prepare_image(path.read_bytes(), predictor, max_pixels))
+            pending.append(prepare(path.read_bytes()))
         except (ApiError, OSError):
             failed.append(path)
             continue
@@ -69,11 +67,20 @@ def predict_files(predictor: Predictor, detector: Detector | None, files: Iterab
         if len(pending) == batch_size:
             flush()
     flush()
+    outputs = [None if parts[0] is None else np.concatenate(parts) for parts in zip(*results, strict=True)]
+    return kept, failed, outputs
+
+
+def predict_files(predictor: Predictor, detector: Detector | None, files: Iterable[Path], batch_size: int = 16,
+                  max_pixels: int = MAX_PIXELS) -> Outputs:
+    """Run the predictor on image files exactly as the server runs it on uploads."""
+    kept, failed, outputs = run_over_files(files, lambda data: prepare_image(data, predictor, max_pixels),
+                                           predictor.infer, batch_size)
     if not kept:
         raise UsageError("none of the photos could be decoded")
-    all_features = np.concatenate(features) if features else None
+    probs, all_features = outputs
     flags = detector.unfamiliar(all_features) if detector is not None and all_features is not None else None
-    return Outputs(kept, np.concatenate(probs), all_features, flags, failed)
+    return Outputs(kept, probs, all_features, flags, failed)
 
 
 # --- Figures -------------------------------------------------------------------------------------

@@ -195,7 +195,8 @@ def make_dataloaders(data: Path, files: list[Path], size: int, bs: int, seed: in
 
 
 def train(dls, arch: Callable, epochs: int, freeze_epochs: int, pretrained: bool, lr: float,
-          label_smoothing: float = 0.0, show_progress: bool = True) -> tuple[Any, float]:
+          label_smoothing: float = 0.0, hidden: list[int] | None = None,
+          show_progress: bool = True) -> tuple[Any, float]:
     """A fine-tuned learner, and the seconds its training took."""
     import torch
     from fastai.vision.all import (
@@ -216,7 +217,7 @@ def train(dls, arch: Callable, epochs: int, freeze_epochs: int, pretrained: bool
     # towards augmented batches of a few hundred photos (measured: the head alone reaches 96.3%
     # on the bears without it; see the model card for what it reaches with it).
     learn = vision_learner(dls, arch, loss_func=loss, metrics=[accuracy, error_rate], pretrained=pretrained,
-                           train_bn=False, cbs=[BnFreeze()])
+                           train_bn=False, cbs=[BnFreeze()], lin_ftrs=hidden)
     # Depthwise convolutions run ~25% faster on CPU in channels-last layout.
     learn.model.to(memory_format=torch.channels_last)
     start = time.perf_counter()

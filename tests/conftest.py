@@ -4,7 +4,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from support import ROOT, AppProcess, LocalHTTPServer, make_dataset
+from support import CHROMIUM, CHROMIUM_ARGS, ROOT, AppProcess, LocalHTTPServer, make_dataset
 
 OUTPUT = ROOT / "test-output"
 
@@ -42,6 +42,17 @@ def model_copy(tiny_export: Path, tmp_path: Path) -> Path:
     dest = tmp_path / "model"
     shutil.copytree(tiny_export.parent, dest, ignore=shutil.ignore_patterns("*.onnx", "*.onnx.json"))
     return dest / "export.pkl"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium, driven by Playwright (which never downloads a browser of its own here)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
 
 
 @pytest.fixture(scope="session")

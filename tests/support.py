@@ -18,12 +18,28 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
+import pytest
 import requests
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 BEARS = ROOT.parent / "shared" / "data" / "bears"
 NO_BEARS = "the bear photos in ../shared/data/bears are not here (a fresh clone); CI has them"
+
+CHROMIUM = Path("/usr/bin/chromium")
+needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install "
+                                                                 "chromium (.ci/run installs it)")
+# Flags for a closed network: no background connections that would fail and spam the console.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def axe_serious_violations(page) -> list[str]:
+    from axe_playwright_python.sync_playwright import Axe
+
+    results = Axe().run(page)
+    return [f"{v['id']}: {v['help']}" for v in results.response["violations"] if v["impact"] in ("serious", "critical")]
+
 
 # Colour per synthetic class: a tiny CNN tells these apart after one epoch.
 CLASS_COLOURS = {"blues": (40, 60, 200), "greens": (40, 180, 60), "reds": (200, 40, 40)}

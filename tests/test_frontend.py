@@ -6,30 +6,24 @@ from __future__ import annotations
 import base64
 import io
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 from PIL import Image
-from support import BEARS, CLASS_COLOURS, NO_BEARS, AppProcess, drawn_teddy, image_bytes, synthetic_image
+from support import (
+    BEARS,
+    CLASS_COLOURS,
+    NO_BEARS,
+    AppProcess,
+    axe_serious_violations,
+    drawn_teddy,
+    image_bytes,
+    needs_chromium,
+    synthetic_image,
+)
 
-CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install chromium "
-                                                              "(.ci/run installs it)")
-# Flags for a closed network: no background connections that would fail and spam the console.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +101,6 @@ def jpeg(colour=(200, 40, 40), size=(320, 240)) -> bytes:
 
 def bear_photo(cls: str, index: int = 0) -> bytes:
     return sorted((BEARS / cls).iterdir())[index].read_bytes()
-
-
-def axe_serious_violations(page) -> list[str]:
-    from axe_playwright_python.sync_playwright import Axe
-
-    results = Axe().run(page)
-    return [f"{v['id']}: {v['help']}" for v in results.response["violations"] if v["impact"] in ("serious", "critical")]
 
 
 def test_empty_page_is_accessible_and_keyboard_usable(bear_server, open_page, screenshots):

@@ -1,0 +1,287 @@
+"""Clean a folder of labelled photos the lesson's way: review what looks mislabeled or out of place.
+
+    python -m app.clean DATA [--report FILE.csv] [--host 127.0.0.1] [--port 8001]
+
+DATA holds one sub-folder of photos per class, as for `app.train`. Every photo is judged *out of
+sample*, by a model that did not see it: features from the pretrained EfficientNet-Lite0 body
+(offline weights, the server's preprocessing, the detector's pooled features), then 5-fold
+cross-validated logistic regression for out-of-fold class probabilities, whose label quality
+cleanlab scores (confident learning), plus how unlike its nearest neighbours each photo is (the
+unfamiliar-image detector's k-NN similarity), so that a car in `teddys/` comes up as well as a
+grizzly in `black/`. Features are cached by file content, so a second run is quick.
+
+Then a local review page (`app.review`) shows the most suspicious photos first, with Keep, Reject
+(moved to DATA/_rejected/CLASS/, never deleted) and Move to another class; every decision is
+appended to DATA/.clean-log.jsonl, so a restarted review resumes. `--report FILE.csv` writes the
+ranking instead of serving the page. Afterwards, `python -m app.train DATA` retrains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.datasets import REJECTED_DIR, UsageError, find_classes, image_files
+from app.detector import knn_similarity, l2_normalised
+from app.evaluate import run_over_files
+from app.folders import private_temp_dir, writable
+from app.images import MAX_PIXELS, decode_image
+from app.predictor import write_atomically
+
+BACKBONE = "efficientnet_lite0"
+SIZE = 224
+FOLDS = 5
+NEIGHBOURS = 5  # as the unfamiliar-image detector's default
+# A photo whose k-NN similarity lies this many robust standard deviations below the median is
+# "out of place"; at OUTLIER_SCALE its outlier part of the score reaches 1.
+OUTLIER_Z = 3.0
+OUTLIER_SCALE = 4.0
+
+
+@dataclass(frozen=True)
+class Suspect:
+    """One photo's place in the review: how likely its label is wrong, and why."""
+
+    file: str  # relative to DATA, with "/"
+    label: str
+    predicted: str  # the out-of-sample guess
+    predicted_prob: float
+    label_prob: float  # out-of-fold probability of the folder's label
+    label_issue: bool  # cleanlab's confident-learning verdict
+    outlier: float  # robust z-score of the k-NN similarity: how far below the data set's typical photo
+    score: float  # how suspicious, 0..1: max(1 - label quality, outlier / OUTLIER_SCALE); higher first
+    reason: str
+    sha256: str
+
+    def row(self) -> dict[str, Any]:
+        return {"file": self.file, "label": self.label, "predicted": self.predicted, "score": round(self.score, 4),
+                "predicted_prob": round(self.predicted_prob, 4), "label_prob": round(self.label_prob, 4),
+                "label_issue": self.label_issue, "outlier": round(self.outlier, 2), "reason": self.reason}
+
+
+# --- Features ------------------------------------------------------------------------------------
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cache_path() -> Path:
+    """Where features are kept between runs: the user's cache folder (DATA may be read-only)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cuddle-or-not"
+    if not writable(base):
+        base = private_temp_dir() or base
+    return base / f"clean-features-{BACKBONE}-{SIZE}.npz"
+
+
+def load_cache(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return dict(zip(archive["keys"].tolist(), archive["features"], strict=True))
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def save_cache(path: Path, cache: dict[str, np.ndarray]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, keys=np.array(list(cache)), features=np.stack(list(cache.values())).astype(np.float16))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, buffer.getvalue())
+    except OSError:
+        pass  # no cache: the next run computes the features again
+
+
+def backbone_features(files: list[Path], threads: int) -> tuple[list[Path], list[Path], np.ndarray]:
+    """Pooled features of the pretrained backbone for each file that decodes (same preprocessing
+    as the server's for an EfficientNet-Lite0 learner), from the cache where it has them."""
+    cache_file = cache_path()
+    cache = load_cache(cache_file)
+    shas = {path: file_sha256(path) for path in files}
+    missing = [p for p in files if shas[p] not in cache]
+    failed: list[Path] = []
+    if missing:
+        computed, failed, found = _compute_features(missing, threads)
+        cache.update({shas[p]: f for p, f in zip(computed, found, strict=True)})
+        save_cache(cache_file, cache)
+    kept = [p for p in files if shas[p] in cache]
+    return kept, failed, np.stack([cache[shas[p]] for p in kept]).astype(np.float32)
+
+
+def _compute_features(files: list[Path], threads: int) -> tuple[list[Path], list[Path], np.ndarray]:
+    import torch
+    from fastai.layers import AdaptiveConcatPool2d, Flatten
+    from PIL import Image
+    from torch import nn
+
+    from app.arch import LITE_STATS, efficientnet_lite0
+    from app.predictor import FastPreprocess, ResizeStep, torch_runner
+
+    torch.set_num_threads(threads)
+    # The body fastai's vision_learner would cut, and the pooling its head starts with.
+    model = nn.Sequential(efficientnet_lite0(pretrained=True)[:-3], AdaptiveConcatPool2d(), Flatten())
+    # The validation-time preprocessing `app.train` gives an EfficientNet-Lite0 learner.
+    prepare = FastPreprocess(ResizeStep("rrc", (SIZE, SIZE), Image.BILINEAR, 0.14), 255.0, tuple(LITE_STATS[0]),
+                             tuple(LITE_STATS[1]))
+    run = torch_runner(model, threads)
+    kept, failed, outputs = run_over_files(
+        files, lambda data: prepare(decode_image(data, MAX_PIXELS, prepare.draft_size)), run, batch_size=32)
+    return kept, failed, outputs[0] if outputs else np.zeros((0, 0), np.float32)
+
+
+# --- Scores --------------------------------------------------------------------------------------
+
+
+def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, folds: int = FOLDS,
+                              seed: int = 42) -> np.ndarray:
+    """Each photo's class probabilities from a logistic regression that did not train on it."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    folds = max(2, min(folds, int(np.bincount(labels).min())))
+    # C=10: on L2-normalised features a weaker penalty gives probabilities that are not all near
+    # uniform, so that "how sure" means something in the ranking.
+    model = LogisticRegression(C=10.0, max_iter=5000)
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return cross_val_predict(model, l2_normalised(features), labels, cv=cv, method="predict_proba")
+
+
+def outlier_z(features: np.ndarray, k: int = NEIGHBOURS) -> np.ndarray:
+    """How unlike its nearest neighbours each photo is: its similarity to its k-th nearest *other*
+    photo (as the unfamiliar-image detector measures it), as a robust z-score below the median
+    (median and MAD, so that the outliers themselves do not widen the scale). 0 or less: typical."""
+    normalised = l2_normalised(features)
+    similarity = knn_similarity(normalised, normalised, k + 1)  # the photo itself is its own nearest
+    median = float(np.median(similarity))
+    spread = 1.4826 * float(np.median(np.abs(similarity - median))) or 1e-6
+    return (median - similarity) / spread
+
+
+def rank_suspects(data: Path, files: list[Path], features: np.ndarray, classes: list[str]) -> list[Suspect]:
+    """The photos, most suspicious first."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    labels = np.array([classes.index(p.parent.name) for p in files])
+    probs = out_of_fold_probabilities(features, labels)
+    quality = get_label_quality_scores(labels, probs)
+    issues = find_label_issues(labels, probs)
+    outlier = outlier_z(features)
+    suspects = []
+    for i, path in enumerate(files):
+        guess = int(probs[i].argmax())
+        if issues[i] and guess != labels[i]:
+            reason = f"likely {classes[guess]} ({probs[i][guess]:.0%} out of sample)"
+        elif outlier[i] >= OUTLIER_Z:
+            reason = "looks like none of the classes (far from its nearest neighbours)"
+        elif guess != labels[i]:
+            reason = f"the model is unsure (best guess {classes[guess]}, {probs[i][guess]:.0%})"
+        else:
+            reason = "nothing stands out"
+        suspects.append(Suspect(
+            file=path.relative_to(data).as_posix(), label=classes[labels[i]], predicted=classes[guess],
+            predicted_prob=float(probs[i][guess]), label_prob=float(probs[i][labels[i]]), label_issue=bool(issues[i]),
+            outlier=float(outlier[i]), score=float(max(1 - quality[i], np.clip(outlier[i] / OUTLIER_SCALE, 0, 1))),
+            reason=reason,
+            sha256=file_sha256(path)))
+    return sorted(suspects, key=lambda s: (-s.score, -s.outlier))
+
+
+@dataclass
+class Ranking:
+    classes: list[str]
+    suspects: list[Suspect]
+    undecodable: list[str]  # relative paths of photos that no longer decode
+
+
+def score_folder(data: Path, threads: int | None = None) -> Ranking:
+    """Check DATA and rank every photo in its class folders."""
+    classes = find_classes(data)
+    if len(classes) < 2:
+        raise UsageError(f"need at least two class folders in {data}, found {len(classes)}: nothing to compare with")
+    files = {cls: image_files(data / cls) for cls in classes}
+    empty = [cls for cls, found in files.items() if not found]
+    if empty:
+        raise UsageError(f"class folders with no images: {', '.join(empty)} (remove them or add photos)")
+    kept, failed, features = backbone_features([f for found in files.values() for f in found],
+                                               threads or os.cpu_count() or 1)
+    short = [cls for cls in classes if sum(p.parent.name == cls for p in kept) < 2]
+    if short:
+        raise UsageError(f"classes with fewer than 2 photos that decode: {', '.join(short)}")
+    return Ranking(classes, rank_suspects(data, kept, features, classes),
+                   [p.relative_to(data).as_posix() for p in failed])
+
+
+def write_report(ranking: Ranking, path: Path) -> None:
+    fields = ["file", "label", "predicted", "score", "predicted_prob", "label_prob", "label_issue", "outlier",
+              "reason"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for name in ranking.undecodable:
+            writer.writerow({"file": name, "label": name.split("/")[0], "predicted": "", "score": 1.0,
+                             "reason": "does not decode"})
+        for suspect in ranking.suspects:
+            writer.writerow(suspect.row())
+
+
+# --- Command line --------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m app.clean", description=__doc__.split("\n\n")[0])
+    parser.add_argument("data", type=Path, help="folder with one sub-folder of photos per class")
+    parser.add_argument("--report", type=Path, metavar="FILE.csv", help="write the ranking to FILE.csv and exit")
+    parser.add_argument("--host", default="127.0.0.1", help="address of the review page (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8001, help="port of the review page (default 8001)")
+    parser.add_argument("--threads", type=int, default=None, help="threads for computing features")
+    return parser.parse_args(argv)
+
+
+def check_writable(data: Path) -> None:
+    folders = [data, *(p for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))]
+    locked = [str(p) for p in folders if not os.access(p, os.W_OK | os.X_OK)]
+    if locked or not writable(data / REJECTED_DIR):
+        raise UsageError(f"{locked[0] if locked else data / REJECTED_DIR} is read-only: the review moves photos; "
+                         "use --report FILE.csv to only write the ranking")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from app.logs import quiet_library_warnings
+
+    quiet_library_warnings()
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if not args.data.is_dir():
+            raise UsageError(f"data folder not found: {args.data}")
+        if args.report is None:
+            check_writable(args.data)
+        ranking = score_folder(args.data, args.threads)
+        if args.report is not None:
+            write_report(ranking, args.report)
+    except (UsageError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    suspicious = sum(s.label_issue or s.outlier >= OUTLIER_Z for s in ranking.suspects)
+    print(f"{len(ranking.suspects)} photos scored, {suspicious} look mislabeled or out of place, "
+          f"{len(ranking.undecodable)} do not decode")
+    if args.report is not None:
+        print(f"ranking written to {args.report}")
+        return 0
+    from app.review import serve
+
+    return serve(args.data, ranking, args.host, args.port)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
