@@ -16,6 +16,9 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
 ECE_BINS = 15
+# Below this many validation photos, or with none misclassified, the NLL keeps falling as the
+# temperature goes to 0 (every answer right, so more confidence always "helps"): nothing to fit.
+MIN_IMAGES = 50
 
 
 def nll(logits: np.ndarray, targets: np.ndarray, temperature: float = 1.0) -> float:
@@ -49,15 +52,16 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
 @dataclass(frozen=True)
 class Calibration:
     temperature: float
-    applied: bool  # kept only if it lowered both the validation NLL and ECE
+    applied: bool  # kept only if it lowered both the validation NLL and ECE, and could be fitted at all
     nll_before: float
     nll_after: float
     ece_before: float
     ece_after: float
+    note: str = ""
 
     def describe(self) -> dict[str, Any]:
         return {"method": "temperature scaling, fitted on the validation split (NLL), folded into the last Linear",
-                "temperature": round(self.temperature, 4), "applied": self.applied,
+                "temperature": round(self.temperature, 4), "applied": self.applied, "note": self.note,
                 "valid_nll": {"before": round(self.nll_before, 4), "after": round(self.nll_after, 4)},
                 "valid_ece": {"before": round(self.ece_before, 4), "after": round(self.ece_after, 4),
                               "bins": ECE_BINS}}
@@ -65,13 +69,21 @@ class Calibration:
 
 def calibrate(logits: np.ndarray, targets: np.ndarray) -> Calibration:
     """Fit a temperature and say whether it improves the validation NLL and ECE."""
+    errors = int((logits.argmax(axis=1) != targets).sum())
+    if len(targets) < MIN_IMAGES or errors == 0:
+        nll_now = nll(logits, targets)
+        ece_now = expected_calibration_error(np.exp(log_softmax(logits.astype(np.float64), axis=1)), targets)
+        return Calibration(1.0, False, nll_now, nll_now, ece_now, ece_now,
+                           f"not fitted: {len(targets)} validation photos, {errors} misclassified (needs at least "
+                           f"{MIN_IMAGES} and one mistake)")
     t = fit_temperature(logits, targets)
     probs_before = np.exp(log_softmax(logits.astype(np.float64), axis=1))
     probs_after = np.exp(log_softmax(logits.astype(np.float64) / t, axis=1))
     before = nll(logits, targets), expected_calibration_error(probs_before, targets)
     after = nll(logits, targets, t), expected_calibration_error(probs_after, targets)
     applied = after[0] < before[0] and after[1] < before[1]
-    return Calibration(t, applied, before[0], after[0], before[1], after[1])
+    return Calibration(t, applied, before[0], after[0], before[1], after[1],
+                       "" if applied else "not applied: it did not lower both the validation NLL and ECE")
 
 
 def fold_temperature(model: Any, temperature: float) -> None:

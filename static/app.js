@@ -15,14 +15,7 @@ const BEAR_VERDICTS = {
 };
 
 const state = { classes: [], verdicts: null, busy: 0 };
-const $ = (id) => document.getElementById(id);
-
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
+// $ and el come from dom.js.
 
 // Never claim 100% or 0%: a model's probability is an estimate, not a certainty.
 function percent(p) {

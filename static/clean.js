@@ -4,14 +4,7 @@
 
 const SELECT_ABOVE = 4; // more classes than this: "Move to" is a select, not one button per class
 const state = { classes: [], items: [], cards: new Map(), busy: false };
-const $ = (id) => document.getElementById(id);
-
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
+// $ and el come from dom.js.
 
 function percent(p) {
   return p === null || p === undefined ? "" : `${Math.round(p * 100)}%`;

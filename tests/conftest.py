@@ -17,14 +17,14 @@ def output_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real fastai export of a tiny CNN trained for one epoch on synthetic images, in seconds."""
+    """A real fastai export of a tiny CNN trained for ten epochs on synthetic images, in seconds."""
     from app.train import main
 
     root = tmp_path_factory.mktemp("tiny")
     data = make_dataset(root / "data")
     out = root / "model"
-    status = main([str(data), "--arch", "tiny_cnn", "--no-pretrained", "--epochs", "1", "--freeze-epochs", "1",
-                   "--size", "32", "--bs", "8", "--workers", "0", "--quiet", "--out", str(out)])
+    status = main([str(data), "--arch", "tiny_cnn", "--no-pretrained", "--epochs", "10", "--freeze-epochs", "0",
+                   "--lr", "1e-2", "--size", "32", "--bs", "8", "--workers", "0", "--quiet", "--out", str(out)])
     assert status == 0
     return out / "export.pkl"
 
@@ -44,9 +44,11 @@ def model_copy(tiny_export: Path, tmp_path: Path) -> Path:
     return dest / "export.pkl"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Debian's Chromium, driven by Playwright (which never downloads a browser of its own here)."""
+    """Debian's Chromium, driven by Playwright (which never downloads a browser of its own here).
+    Per module: Playwright's sync API keeps an event loop running in this thread while it is open,
+    and other tests call asyncio.run()."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
