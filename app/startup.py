@@ -21,7 +21,7 @@ from pathlib import Path
 from app.classifier import Classifier
 from app.compiled import CompiledModel, Manifest, cache_dirs, load_compiled, manifest_for, save_manifest
 from app.config import Settings
-from app.detector import Detector, DetectorError, detector_path
+from app.detector import Detector, DetectorError, detector_path, single_threaded_blas
 from app.metrics import Metrics
 from app.model_store import LoadedModel, ModelFile, ModelLoadError, fetch_model_file, load_learner_from
 from app.predictor import Predictor, build_predictor
@@ -50,6 +50,8 @@ async def start_serving(settings: Settings, metrics: Metrics, fast_start: bool =
     file = await fetch_model_file(settings.model_path, settings.model_url, settings.model_sha256)
     detector = await asyncio.to_thread(load_detector, file)
     features = detector is not None
+    if features:
+        single_threaded_blas()
     folders = await asyncio.to_thread(cache_dirs, file.path, settings.cache_dir)
     compiled = None
     if fast_start and settings.backend != "torch":

@@ -231,3 +231,18 @@ def test_default_model_says_unfamiliar_for_photos_of_no_bear_and_not_for_bears(t
         app.stop()
     assert flagged >= 0.9, flagged
     assert false_flags <= 0.06, false_flags
+
+
+def test_the_server_keeps_numpys_openblas_to_one_thread():
+    """Handing the detector's small matrix product to a second OpenBLAS thread between ONNX
+    Runtime's batches cost a quarter of the throughput (README, Performance)."""
+    import json
+    import subprocess
+    import sys
+
+    script = ("import json, numpy; from threadpoolctl import threadpool_info; "
+              "from app.detector import single_threaded_blas; single_threaded_blas(); "
+              "print(json.dumps([i['num_threads'] for i in threadpool_info() if i['internal_api'] == 'openblas']))")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "OPENBLAS_NUM_THREADS": "2"})
+    assert json.loads(out.stdout) == [1]
