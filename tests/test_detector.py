@@ -5,7 +5,11 @@ photos of bears and of no bear."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -109,8 +113,6 @@ def tiny_model(tiny_export: Path):
 
 
 def test_training_saves_a_detector_bound_to_the_export(tiny_export):
-    import json
-
     detector = Detector.load(detector_path(tiny_export), sha256_file(tiny_export))
     card = json.loads((tiny_export.parent / "model-card.json").read_text())
     assert card["detector"]["threshold"] == pytest.approx(detector.threshold, abs=1e-6)
@@ -236,13 +238,9 @@ def test_default_model_says_unfamiliar_for_photos_of_no_bear_and_not_for_bears(t
 def test_the_server_keeps_numpys_openblas_to_one_thread():
     """Handing the detector's small matrix product to a second OpenBLAS thread between ONNX
     Runtime's batches cost a quarter of the throughput (README, Performance)."""
-    import json
-    import subprocess
-    import sys
-
     script = ("import json, numpy; from threadpoolctl import threadpool_info; "
               "from app.detector import single_threaded_blas; single_threaded_blas(); "
               "print(json.dumps([i['num_threads'] for i in threadpool_info() if i['internal_api'] == 'openblas']))")
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True,
-                         env={**__import__("os").environ, "OPENBLAS_NUM_THREADS": "2"})
+                         env={**os.environ, "OPENBLAS_NUM_THREADS": "2"})
     assert json.loads(out.stdout) == [1]
