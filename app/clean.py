@@ -111,9 +111,12 @@ def backbone_features(files: list[Path], threads: int) -> tuple[list[Path], list
     failed: list[Path] = []
     if missing:
         computed, failed, found = _compute_features(missing, threads)
-        cache.update({shas[p]: f for p, f in zip(computed, found, strict=True)})
-        save_cache(cache_file, cache)
+        if computed:
+            cache.update({shas[p]: f for p, f in zip(computed, found, strict=True)})
+            save_cache(cache_file, cache)
     kept = [p for p in files if shas[p] in cache]
+    if not kept:
+        raise UsageError("none of the photos could be decoded")
     return kept, failed, np.stack([cache[shas[p]] for p in kept]).astype(np.float32)
 
 

@@ -126,8 +126,8 @@ def evaluate(predictor: Predictor, detector: Detector | None, vocab: list[str], 
              unfamiliar: Path | None = None) -> dict[str, Any]:
     """All figures, as a JSON-ready dict."""
     files, labels = labelled_files(data, vocab)
-    if unfamiliar is not None and not unfamiliar.is_dir():
-        raise UsageError(f"folder of unfamiliar photos not found: {unfamiliar}")
+    if unfamiliar is not None:
+        unfamiliar_files(unfamiliar)  # bad input is reported before the long part
     outputs = predict_files(predictor, detector, files)
     target_of = dict(zip(files, labels, strict=True))
     targets = np.array([target_of[f] for f in outputs.files])
@@ -146,19 +146,32 @@ def evaluate(predictor: Predictor, detector: Detector | None, vocab: list[str], 
         report["flagged_known"] = {"overall": rate(outputs.unfamiliar),
                                    "per_class": group_rates(outputs, lambda p: p.parent.name)}
     if unfamiliar is not None:
-        others = image_files(unfamiliar, recursive=True)
-        if not others:
-            raise UsageError(f"no images in {unfamiliar}")
-        other_outputs = predict_files(predictor, detector, others)
-        if other_outputs.unfamiliar is not None:
-            report["flagged_unfamiliar"] = {
-                "overall": rate(other_outputs.unfamiliar),
-                "per_folder": group_rates(other_outputs, lambda p: p.relative_to(unfamiliar).parts[0]
-                                          if len(p.relative_to(unfamiliar).parts) > 1 else "."),
-            }
-        else:
-            report["flagged_unfamiliar"] = None
+        report["flagged_unfamiliar"] = unfamiliar_rates(predictor, detector, unfamiliar)
     return report
+
+
+def unfamiliar_files(folder: Path) -> list[Path]:
+    """The photos of no class: every image below `folder`, whose sub-folders are categories."""
+    if not folder.is_dir():
+        raise UsageError(f"folder of unfamiliar photos not found: {folder}")
+    files = image_files(folder, recursive=True)
+    if not files:
+        raise UsageError(f"no images in {folder}")
+    return files
+
+
+def unfamiliar_rates(predictor: Predictor, detector: Detector | None, folder: Path) -> dict[str, Any] | None:
+    """How many photos of no class the detector flags, overall and per sub-folder of `folder`
+    (photos directly in it count as "."); None without a detector."""
+    outputs = predict_files(predictor, detector, unfamiliar_files(folder))
+    if outputs.unfamiliar is None:
+        return None
+
+    def category(path: Path) -> str:
+        parts = path.relative_to(folder).parts
+        return parts[0] if len(parts) > 1 else "."
+
+    return {"overall": rate(outputs.unfamiliar), "per_folder": group_rates(outputs, category)}
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -40,9 +40,9 @@ from PIL import Image
 from app.calibration import Calibration, calibrate, fold_temperature
 from app.datasets import REJECTED_DIR, UsageError, find_classes, image_files
 from app.detector import Detector, detector_path
-from app.evaluate import Outputs, confusion_matrix, group_rates, predict_files, rate
+from app.evaluate import Outputs, confusion_matrix, predict_files, unfamiliar_files, unfamiliar_rates
 from app.model_store import sha256_file
-from app.predictor import Predictor, build_predictor
+from app.predictor import build_predictor
 
 # The unfamiliar-image detector's defaults: see the model card and README for how they were chosen.
 DETECTOR_K = 5
@@ -284,7 +284,7 @@ def finish(learn: Any, train_files: list[Path], valid_files: list[Path], out: Pa
     targets = np.array([vocab.index(p.parent.name) for p in valid.files])
     # log-probabilities are the logits up to a constant per row, which softmax ignores.
     log_probs = np.log(np.maximum(valid.probs.astype(np.float64), np.finfo(np.float32).tiny))
-    calibration = calibrate(log_probs, targets) if is_softmax(predictor) else None
+    calibration = calibrate(log_probs, targets) if predictor.activation == "softmax" else None
     if calibration is not None and calibration.applied:
         fold_temperature(learn.model, calibration.temperature)
         valid.probs = softmax(log_probs / calibration.temperature, axis=1).astype(np.float32)
@@ -298,14 +298,8 @@ def finish(learn: Any, train_files: list[Path], valid_files: list[Path], out: Pa
         detector_path(export_path).unlink(missing_ok=True)
     finished = Finished(vocab, valid, targets, calibration, detector, export_path)
     if unfamiliar is not None and detector is not None:
-        others = predict_files(predictor, detector, image_files(unfamiliar, recursive=True))
-        finished.unfamiliar = {"overall": rate(others.unfamiliar),
-                               "per_folder": group_rates(others, lambda p: p.relative_to(unfamiliar).parts[0])}
+        finished.unfamiliar = unfamiliar_rates(predictor, detector, unfamiliar)
     return finished
-
-
-def is_softmax(predictor: Predictor) -> bool:
-    return predictor.activation == "softmax"
 
 
 def export(learn: Any, out: Path) -> Path:
@@ -438,6 +432,8 @@ def prepare_data(args: argparse.Namespace) -> tuple[list[Path], Counter, int, Do
         args.data.mkdir(parents=True, exist_ok=True)
         report = asyncio.run(download_images(urls, args.data, args.max_per_class,
                                              show_progress=not args.quiet))
+    if args.unfamiliar is not None:
+        unfamiliar_files(args.unfamiliar)  # checked before hours of training, not after
     classes = find_classes(args.data)
     if len(classes) < 2:
         raise UsageError(f"need at least two class folders in {args.data}, found {len(classes)}")

@@ -79,8 +79,8 @@ function createCard(title) {
 
 // What a model with an unfamiliar-image detector says about a photo like none it was trained on.
 function unfamiliarText() {
-  if (state.verdicts) return "It doesn't look like a bear or a teddy bear to me.";
-  return `It doesn't look like any of the things I know (${state.classes.join(", ")}).`;
+  if (state.verdicts) return "It doesn't look like the photos of bears and teddy bears I learned from.";
+  return `It doesn't look like the photos I learned from (${state.classes.join(", ")}).`;
 }
 
 function showResult(view, result) {

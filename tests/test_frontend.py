@@ -322,7 +322,7 @@ def test_an_unfamiliar_photo_gets_its_own_verdict(server, open_page, screenshots
     view.wait_done()
     page = view.page
     assert page.inner_text(".card .answer") == "I don't know this one"
-    assert "doesn't look like any of the things I know" in page.inner_text(".card .detail")
+    assert "doesn't look like the photos I learned from (blues, greens, reds)" in page.inner_text(".card .detail")
     assert page.locator(".card.unfamiliar").count() == 1
     assert page.locator(".card .bars.secondary .bar-row").count() == 3
     assert page.inner_text(".card .bars-caption") == "If it had to guess:"
@@ -344,6 +344,7 @@ def test_a_photo_of_no_bear_never_says_cuddle_on_a_phone(bear_server, open_page,
     view.wait_done()
     page = view.page
     assert page.inner_text(".card .answer") == "I don't know this one"
-    assert page.inner_text(".card .detail") == "It doesn't look like a bear or a teddy bear to me."
+    expected = "It doesn't look like the photos of bears and teddy bears I learned from."
+    assert page.inner_text(".card .detail") == expected
     assert "cuddle" not in page.inner_text(".card").lower()
     page.screenshot(path=str(screenshots / "unfamiliar-phone.png"), full_page=True)

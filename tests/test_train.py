@@ -84,6 +84,7 @@ def test_url_download_saves_images_and_counts_failures(tmp_path):
     ("few_images", "too few images"),
     ("bad_url_file", "cannot read URL file"),
     ("bad_url_spec", "--urls takes CLASS=FILE"),
+    ("missing_unfamiliar", "folder of unfamiliar photos not found"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, setup, message):
     data = tmp_path / "data"
@@ -100,6 +101,9 @@ def test_bad_input_exits_2_with_one_line(tmp_path, setup, message):
         args += ["--urls", f"teddys={tmp_path / 'nope.txt'}"]
     elif setup == "bad_url_spec":
         args += ["--urls", "teddys"]
+    elif setup == "missing_unfamiliar":
+        make_dataset(data, per_class=6)
+        args += ["--unfamiliar", str(tmp_path / "nope")]
     result = train_cli(*args)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and message in result.stderr
