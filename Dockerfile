@@ -26,7 +26,7 @@ COPY models/ models/
 # containers are ready in about a second (the learner then loads in the background).
 RUN python -m app --check \
     && groupadd --system --gid 10001 cuddle \
-    && useradd --system --uid 10001 --gid 10001 --no-create-home cuddle
+    && useradd --uid 10001 --gid 10001 --no-create-home --no-log-init --shell /usr/sbin/nologin cuddle
 
 USER 10001:10001
 EXPOSE 8000

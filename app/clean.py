@@ -112,7 +112,8 @@ def backbone_features(files: list[Path], threads: int) -> tuple[list[Path], list
     if missing:
         computed, failed, found = _compute_features(missing, threads)
         if computed:
-            cache.update({shas[p]: f for p, f in zip(computed, found, strict=True)})
+            # float16, as stored: a first run and a cached one then rank exactly alike.
+            cache.update({shas[p]: f.astype(np.float16) for p, f in zip(computed, found, strict=True)})
             save_cache(cache_file, cache)
     kept = [p for p in files if shas[p] in cache]
     if not kept:
@@ -182,14 +183,13 @@ def rank_suspects(data: Path, files: list[Path], features: np.ndarray, classes: 
     suspects = []
     for i, path in enumerate(files):
         guess = int(probs[i].argmax())
-        if issues[i] and guess != labels[i]:
-            reason = f"likely {classes[guess]} ({probs[i][guess]:.0%} out of sample)"
-        elif outlier[i] >= OUTLIER_Z:
-            reason = "looks like none of the classes (far from its nearest neighbours)"
-        elif guess != labels[i]:
-            reason = f"the model is unsure (best guess {classes[guess]}, {probs[i][guess]:.0%})"
-        else:
-            reason = "nothing stands out"
+        why = []
+        if guess != labels[i]:
+            verdict = "likely" if issues[i] else "looks more like"
+            why.append(f"{verdict} {classes[guess]} ({probs[i][guess]:.0%} out of sample)")
+        if outlier[i] >= OUTLIER_Z:
+            why.append("far from every other photo: maybe none of the classes")
+        reason = "; ".join(why) or "nothing stands out"
         suspects.append(Suspect(
             file=path.relative_to(data).as_posix(), label=classes[labels[i]], predicted=classes[guess],
             predicted_prob=float(probs[i][guess]), label_prob=float(probs[i][labels[i]]), label_issue=bool(issues[i]),
