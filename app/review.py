@@ -130,8 +130,7 @@ class Review:
                 by_file[now] = item
             if item is None:
                 continue  # a photo moved or removed by hand since: nothing to show or undo
-            item.decision = entry["action"]
-            item.moved_to = entry.get("class")
+            self._mark(item, entry)
             self.undo_stack.append({**entry, "id": item.id})
 
     def _read_log(self) -> list[dict[str, Any]]:
@@ -154,11 +153,11 @@ class Review:
             f.flush()
             os.fsync(f.fileno())
 
-    def _apply(self, item: Item, entry: dict[str, Any]) -> None:
-        item.decision = entry["action"]
-        item.moved_to = entry.get("class")
-        if entry.get("to"):
-            item.file = entry["to"]
+    @staticmethod
+    def _mark(item: Item, entry: dict[str, Any] | None) -> None:
+        """Show the decision `entry` records (none: undecided)."""
+        item.decision = entry["action"] if entry else None
+        item.moved_to = entry.get("class") if entry else None
 
     # --- Decisions -------------------------------------------------------------------------------
 
@@ -178,7 +177,10 @@ class Review:
                 raise ApiError(400, "not_a_class", f"Move to one of: {', '.join(self.classes)}.")
             if not source.is_file():
                 raise ApiError(409, "photo_gone", f"{item.file} is no longer in the data folder.")
-            folder = (self.data / REJECTED_DIR / item.label if action == "reject" else self.data / target_class)
+            # Rejected photos go to _rejected/<the class folder they are in now>.
+            current = Path(item.file).parts[0]
+            origin = current if current in self.classes else item.label
+            folder = self.data / REJECTED_DIR / origin if action == "reject" else self.data / target_class
             if folder == source.parent:
                 raise ApiError(400, "same_folder", f"{item.file} is already in {folder.name}.")
             target = move_inside(self.data, source, folder)
@@ -189,7 +191,8 @@ class Review:
         else:
             raise ApiError(400, "bad_action", "The action is keep, reject or move.")
         self._write(entry)
-        self._apply(item, entry)
+        self._mark(item, entry)
+        item.file = entry.get("to", item.file)
         self.undo_stack.append({**entry, "id": item.id})
         return item
 
@@ -212,8 +215,7 @@ class Review:
         self._write(record)
         self.undo_stack.pop()
         before = [e for e in self.undo_stack if e["id"] == item.id]
-        item.decision = before[-1]["action"] if before else None
-        item.moved_to = before[-1].get("class") if before else None
+        self._mark(item, before[-1] if before else None)
         return item
 
     def progress(self) -> dict[str, int]:
