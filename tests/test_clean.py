@@ -353,3 +353,29 @@ def test_file_names_from_the_internet_are_shown_as_text(tmp_path, browser):
         page.close()
     finally:
         server.stop()
+
+
+def test_the_command_serves_the_review_page_and_prints_its_url(noisy_colours):
+    data, _ = noisy_colours
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "app.clean", str(data), "--port", str(port)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while not any("http://" in line for line in lines):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            lines.append(proc.stdout.readline())
+        url = next(line for line in lines if "http://" in line).split("http://")[1].split("/")[0]
+        assert url == f"127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                listing = requests.get(f"http://{url}/api/items", timeout=5).json()
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        assert listing["progress"]["total"] == 48
+        assert requests.get(f"http://{url}/", timeout=5).text.startswith("<!doctype html>")
+    finally:
+        proc.terminate()
+        proc.wait(30)
