@@ -24,6 +24,16 @@ def find_classes(data: Path) -> list[str]:
     return sorted(p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
 
 
+def split(files: list[Path], valid_pct: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """The training and validation files `app.train` uses for this file list, seed and share
+    (fastai's RandomSplitter, which `ImageDataLoaders.from_lists` applies), to measure a model
+    again on exactly the photos it was validated on."""
+    from fastai.data.transforms import RandomSplitter
+
+    train_idx, valid_idx = RandomSplitter(valid_pct, seed)(files)
+    return [files[i] for i in train_idx], [files[i] for i in valid_idx]
+
+
 def image_files(folder: Path, recursive: bool = False) -> list[Path]:
     """Image files in `folder` (and below it, if `recursive`, skipping folders whose names start
     with `_` or `.`), sorted so that the same data always gives the same split."""

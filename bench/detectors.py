@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.datasets import find_classes, image_files
+from app.datasets import find_classes, image_files, split
 from app.detector import knn_similarity, l2_normalised, threshold_keeping
 from app.evaluate import load_model, predict_files
 
@@ -29,14 +29,6 @@ SHARED = ROOT.parent / "shared" / "data"
 KEEP = 0.97
 
 Scorer = Callable[[np.ndarray], np.ndarray]  # features of some photos -> scores, higher = more familiar
-
-
-def split(files: list[Path], valid_pct: float, seed: int) -> tuple[list[Path], list[Path]]:
-    """fastai's RandomSplitter, exactly as `app.train` applies it."""
-    from fastai.data.transforms import RandomSplitter
-
-    train_idx, valid_idx = RandomSplitter(valid_pct, seed)(files)
-    return [files[i] for i in train_idx], [files[i] for i in valid_idx]
 
 
 def knn(reference: np.ndarray, k: int) -> Scorer:

@@ -214,8 +214,7 @@ def test_default_model_says_unfamiliar_for_photos_of_no_bear_and_not_for_bears(t
     validation photos (3% by construction of the threshold)."""
     from support import AppProcess
 
-    from app.datasets import find_classes, image_files
-    from bench.detectors import split
+    from app.datasets import find_classes, image_files, split
 
     app = AppProcess({}, tmp_path_factory.mktemp("default") / "server.log").wait_ready()
     try:

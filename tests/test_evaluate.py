@@ -78,9 +78,8 @@ def test_bad_input_exits_2_with_one_line(tiny_export, tmp_path, setup, message):
 def test_default_model_on_its_validation_split_the_way_the_server_runs_it():
     """The model card's figures, measured again through the server's path: accuracy of at least
     98.5% on the 321 held-out photos, and no real bear answered `teddys`."""
-    from app.datasets import find_classes, image_files
+    from app.datasets import find_classes, image_files, split
     from app.evaluate import load_model, predict_files
-    from bench.detectors import split
 
     predictor, detector, model = load_model(ROOT / "models" / "export.pkl", threads=2)
     files = [f for cls in find_classes(BEARS) for f in image_files(BEARS / cls)]
