@@ -101,9 +101,10 @@ def save_cache(path: Path, cache: dict[str, np.ndarray]) -> None:
         pass  # no cache: the next run computes the features again
 
 
-def backbone_features(files: list[Path], threads: int) -> tuple[list[Path], list[Path], np.ndarray]:
+def backbone_features(files: list[Path], threads: int) -> tuple[list[Path], list[Path], np.ndarray, list[str]]:
     """Pooled features of the pretrained backbone for each file that decodes (same preprocessing
-    as the server's for an EfficientNet-Lite0 learner), from the cache where it has them."""
+    as the server's for an EfficientNet-Lite0 learner), from the cache where it has them: the files
+    that decoded, those that did not, their features and their sha256s."""
     cache_file = cache_path()
     cache = load_cache(cache_file)
     shas = {path: file_sha256(path) for path in files}
@@ -118,7 +119,7 @@ def backbone_features(files: list[Path], threads: int) -> tuple[list[Path], list
     kept = [p for p in files if shas[p] in cache]
     if not kept:
         raise UsageError("none of the photos could be decoded")
-    return kept, failed, np.stack([cache[shas[p]] for p in kept]).astype(np.float32)
+    return kept, failed, np.stack([cache[shas[p]] for p in kept]).astype(np.float32), [shas[p] for p in kept]
 
 
 def _compute_features(files: list[Path], threads: int) -> tuple[list[Path], list[Path], np.ndarray]:
@@ -170,7 +171,8 @@ def outlier_z(features: np.ndarray, k: int = NEIGHBOURS) -> np.ndarray:
     return (median - similarity) / spread
 
 
-def rank_suspects(data: Path, files: list[Path], features: np.ndarray, classes: list[str]) -> list[Suspect]:
+def rank_suspects(data: Path, files: list[Path], features: np.ndarray, shas: list[str],
+                  classes: list[str]) -> list[Suspect]:
     """The photos, most suspicious first."""
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
@@ -194,8 +196,7 @@ def rank_suspects(data: Path, files: list[Path], features: np.ndarray, classes: 
             file=path.relative_to(data).as_posix(), label=classes[labels[i]], predicted=classes[guess],
             predicted_prob=float(probs[i][guess]), label_prob=float(probs[i][labels[i]]), label_issue=bool(issues[i]),
             outlier=float(outlier[i]), score=float(max(1 - quality[i], np.clip(outlier[i] / OUTLIER_SCALE, 0, 1))),
-            reason=reason,
-            sha256=file_sha256(path)))
+            reason=reason, sha256=shas[i]))
     return sorted(suspects, key=lambda s: (-s.score, -s.outlier))
 
 
@@ -215,12 +216,12 @@ def score_folder(data: Path, threads: int | None = None) -> Ranking:
     empty = [cls for cls, found in files.items() if not found]
     if empty:
         raise UsageError(f"class folders with no images: {', '.join(empty)} (remove them or add photos)")
-    kept, failed, features = backbone_features([f for found in files.values() for f in found],
-                                               threads or os.cpu_count() or 1)
+    kept, failed, features, shas = backbone_features([f for found in files.values() for f in found],
+                                                     threads or os.cpu_count() or 1)
     short = [cls for cls in classes if sum(p.parent.name == cls for p in kept) < 2]
     if short:
         raise UsageError(f"classes with fewer than 2 photos that decode: {', '.join(short)}")
-    return Ranking(classes, rank_suspects(data, kept, features, classes),
+    return Ranking(classes, rank_suspects(data, kept, features, shas, classes),
                    [p.relative_to(data).as_posix() for p in failed])
 
 
