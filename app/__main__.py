@@ -16,20 +16,19 @@ import sys
 
 import uvicorn
 
-from app.config import ConfigError, Settings
-from app.folders import ensure_matplotlib_config_dir
-from app.logs import configure_logging
-from app.server import create_app
-from app.startup import still_loading_a_learner
+from app.core.files import ensure_matplotlib_config_dir
+from app.core.logs import configure_logging
+from app.core.model_file import ModelLoadError
+from app.serving.app import create_app
+from app.serving.config import ConfigError, Settings
+from app.serving.metrics import Metrics
+from app.serving.startup import Serving, start_serving, still_loading_a_learner
+from app.web import listen
 
 STARTUP_FAILURE = 3  # uvicorn's exit status when the application fails to start
 
 
 def check(settings: Settings) -> int:
-    from app.metrics import Metrics
-    from app.model_store import ModelLoadError
-    from app.startup import Serving, start_serving
-
     async def load() -> Serving:
         serving = await start_serving(settings, Metrics(), fast_start=False)
         await serving.stop()
@@ -40,7 +39,7 @@ def check(settings: Settings) -> int:
     except ModelLoadError as exc:
         print(f"cannot serve the model: {exc}", file=sys.stderr)
         return STARTUP_FAILURE
-    print(f"ok: {settings.model_path} classes={classifier.vocab} backend={classifier.predictor.backend}")
+    print(f"ok: {settings.model_path} classes={classifier.model.vocab} backend={classifier.model.predictor.backend}")
     return 0
 
 
@@ -53,7 +52,7 @@ def main(argv: list[str]) -> int:
     configure_logging(settings.log_level, settings.log_format)
     ensure_matplotlib_config_dir()
     if settings.model_url and not settings.model_sha256:
-        logging.getLogger("app").warning(
+        logging.getLogger(__name__).warning(
             "MODEL_URL is set without MODEL_SHA256: loading an export runs the code it contains, so pin the "
             "export you trust with MODEL_SHA256")
     if argv == ["--check"]:
@@ -61,19 +60,25 @@ def main(argv: list[str]) -> int:
     if argv:
         print("usage: python -m app [--check]  (configuration comes from environment variables)", file=sys.stderr)
         return 2
-    app = create_app(settings)
+    try:
+        sock = listen(settings.host, settings.port)
+    except OSError as exc:
+        print(f"error: cannot listen on {settings.host}:{settings.port} ({exc.strerror or exc}): set PORT (or HOST) "
+              "to a free one", file=sys.stderr)
+        return 2
     # uvicorn re-raises the SIGTERM it handled once it has drained requests; with a Python handler
     # in place that re-raise is a no-op, so a graceful shutdown exits 0 instead of "killed".
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(settings),
         log_config=None,
         access_log=False,
         server_header=False,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
-    )
+    ))
+    server.run(sockets=[sock])
+    if not server.started:
+        return STARTUP_FAILURE  # the lifespan logged its one-line reason
     if still_loading_a_learner():
         # Stopped (requests drained, lifespan done) while the learner was still loading in the
         # background: nothing it would produce is needed, and a shutdown must not wait for it.

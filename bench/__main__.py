@@ -198,12 +198,12 @@ class LoadResult:
 def bare_onnx(model: Path, batch: int, seconds: float = 4.0) -> dict[str, float]:
     """The server's compiled ONNX model alone (no decoding, no HTTP), in a process of its own:
     images per second ("rate") and CPU milliseconds per image ("cpu_ms")."""
-    from app.detector import detector_path
-    from app.model_store import sha256_file
-    from app.predictor import onnx_cache_path
+    from app.core.detector import detector_path
+    from app.core.files import sha256_file
+    from app.core.runner import onnx_cache_path
 
     # The file the server compiled: with the detector's second output when the model has one.
-    compiled = onnx_cache_path(model, sha256_file(model), features=detector_path(model).exists())
+    compiled = onnx_cache_path(model, sha256_file(model), with_features=detector_path(model).exists())
     out = subprocess.run([sys.executable, "-m", "bench.bare", str(compiled),
                           str(batch), str(seconds), str(os.cpu_count() or 1)],
                          cwd=ROOT, capture_output=True, text=True, check=True)
@@ -233,7 +233,7 @@ def bare_torch(model: Path, batch: int, seconds: float = 4.0) -> float:
 
 def decode_times(data: bytes, repeat: int = 10) -> tuple[float, float]:
     """ms to decode and prepare a photo, with and without JPEG draft decoding."""
-    from app.images import decode_image
+    from app.core.images import decode_image
 
     def timed(draft):
         t0 = time.perf_counter()
@@ -322,7 +322,7 @@ def detector_cost(model: Path, ours: Server, image: Path, concurrency: int, seco
                   max_requests: int) -> list[tuple[LoadResult, LoadResult]]:
     """Ours with the model's detector against ours on a copy of the export without one, in
     alternating rounds: (with, without) per round; empty if the model has no detector."""
-    from app.detector import detector_path
+    from app.core.detector import detector_path
 
     if not detector_path(model).exists():
         return []
@@ -342,8 +342,8 @@ def detector_cost(model: Path, ours: Server, image: Path, concurrency: int, seco
 
 def detector_ms_per_image(model: Path, batch: int = MAX_BATCH, repeat: int = 200) -> float:
     """The detector's own work for a batch (one matrix product against the training features)."""
-    from app.detector import Detector, detector_path
-    from app.model_store import sha256_file
+    from app.core.detector import Detector, detector_path
+    from app.core.files import sha256_file
 
     detector = Detector.load(detector_path(model), sha256_file(model))
     features = np.random.default_rng(0).standard_normal((batch, detector.reference.shape[1])).astype(np.float32)

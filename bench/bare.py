@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.predictor import onnx_runner
+from app.core.runner import onnx_runner
 
 
 def input_size(onnx: Path) -> tuple[int, int]:

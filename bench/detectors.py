@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from app.datasets import find_classes, image_files, split
-from app.detector import knn_similarity, l2_normalised, threshold_keeping
-from app.evaluate import load_model, predict_files
+from app.building.datasets import find_classes, image_files, split
+from app.building.evaluate import load_model
+from app.building.measure import predict_files
+from app.core.detector import knn_similarity, l2_normalised, threshold_keeping
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -56,7 +57,7 @@ def mahalanobis(reference: np.ndarray, labels: np.ndarray) -> Scorer:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from app.logs import quiet_library_warnings
+    from app.core.logs import quiet_library_warnings
 
     quiet_library_warnings()
     parser = argparse.ArgumentParser(prog="python -m bench.detectors", description=__doc__.split("\n\n")[0])
@@ -68,14 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
-    predictor, _, model = load_model(args.model, os.cpu_count() or 1, features=True)
+    predictor, _, model = load_model(args.model, os.cpu_count() or 1, with_features=True)
     vocab = model.vocab
     files = [f for cls in find_classes(args.data) for f in image_files(args.data / cls)]
     train_files, valid_files = split(files, args.valid_pct, args.seed)
     other_files = image_files(args.unfamiliar, recursive=True)
     # The torch model behind the predictor gives logits and the head's penultimate layer too.
-    from app.evaluate import Outputs
-    from app.features import penultimate, with_features
+    from app.building.measure import Outputs
+    from app.learner.features import penultimate, with_features
 
     wrapper = with_features(model.learn.model)
 

@@ -4,7 +4,13 @@
 
 const SELECT_ABOVE = 4; // more classes than this: "Move to" is a select, not one button per class
 const state = { classes: [], items: [], cards: new Map(), busy: false };
+// The token app.clean printed in the page's link: every request for data carries it.
+const TOKEN = new URLSearchParams(window.location.search).get("token") || "";
 // $ and el come from dom.js.
+
+function withToken(path) {
+  return `${path}?token=${encodeURIComponent(TOKEN)}`;
+}
 
 function percent(p) {
   return p === null || p === undefined ? "" : `${Math.round(p * 100)}%`;
@@ -20,6 +26,8 @@ function describeDecision(item) {
 function showProgress(p) {
   $("progress").textContent =
     `Reviewed ${p.reviewed} of ${p.total} · ${p.kept} kept · ${p.moved} moved · ${p.rejected} rejected`;
+  $("flagged").textContent = `${p.flagged} of ${p.total} photos flagged as mislabeled, out of place or unreadable; ` +
+    "they come first.";
 }
 
 function showMessage(text) {
@@ -35,14 +43,14 @@ function renderCard(item) {
   card.tabIndex = 0;
   card.dataset.id = item.id;
   const link = el("a");
-  link.href = `/photo/${item.id}`;
+  link.href = withToken(`/photo/${item.id}`);
   link.target = "_blank";
   link.rel = "noopener";
   const img = el("img", "thumb");
   img.loading = "lazy";
   img.decoding = "async";
   img.alt = `Photo ${item.file}`;
-  img.src = `/thumb/${item.id}`;
+  img.src = withToken(`/thumb/${item.id}`);
   link.append(img);
   const body = el("div", "card-body");
   card.append(link, body);
@@ -56,7 +64,7 @@ function fillCard(card, item) {
   body.replaceChildren();
   body.append(el("p", "file-name", item.file));
   const labels = el("p", "labels");
-  labels.append(el("span", "", `Folder: ${item.label}`));
+  labels.append(el("span", "", `Folder: ${folderNow(item)}`));
   if (item.predicted) labels.append(el("span", "", ` · looks like: ${item.predicted} (${percent(item.predicted_prob)})`));
   body.append(labels, el("p", "why", item.reason));
   card.classList.toggle("decided", Boolean(item.decision));
@@ -90,6 +98,12 @@ function fillCard(card, item) {
   body.append(actions);
 }
 
+// Where the photo is now, and where it was scored if that differs.
+function folderNow(item) {
+  const now = item.decision === "reject" ? "_rejected" : currentClass(item) || item.label;
+  return now === item.label ? now : `${now} (was ${item.label})`;
+}
+
 function currentClass(item) {
   const folder = item.file.split("/")[0];
   return state.classes.includes(folder) ? folder : null;
@@ -106,7 +120,7 @@ function update(item) {
 async function post(path, body) {
   const resp = await fetch(path, {
     method: "POST",
-    headers: { "Content-Type": "application/json" },
+    headers: { "Content-Type": "application/json", "X-Review-Token": TOKEN },
     body: body === undefined ? undefined : JSON.stringify(body),
   });
   const data = await resp.json().catch(() => ({}));
@@ -177,7 +191,7 @@ function onKey(event) {
   else if (id === null) return;
   else if (key === "k") decide(id, "keep");
   else if (key === "r" || key === "delete") decide(id, "reject");
-  else if (key === "o") window.open(`/photo/${id}`, "_blank", "noopener");
+  else if (key === "o") window.open(withToken(`/photo/${id}`), "_blank", "noopener");
   else if (/^[1-9]$/.test(key) && state.classes[Number(key) - 1]) decide(id, "move", state.classes[Number(key) - 1]);
   else return;
   event.preventDefault();
@@ -186,8 +200,13 @@ function onKey(event) {
 // --- Start -----------------------------------------------------------------------------------
 
 async function init() {
-  const resp = await fetch("/api/items");
+  const resp = await fetch("/api/items", { headers: { "X-Review-Token": TOKEN } });
   const data = await resp.json();
+  if (!resp.ok) {
+    showMessage((data.error && data.error.message) || `HTTP ${resp.status}`);
+    $("progress").textContent = "";
+    return;
+  }
   state.classes = data.classes;
   state.items = data.items;
   $("folder").textContent = `${data.data}: most suspicious first (classes: ${data.classes.join(", ")}).`;

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 from pathlib import Path
 
@@ -17,15 +19,19 @@ def output_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real fastai export of a tiny CNN trained for ten epochs on synthetic images, in seconds."""
+    """A real fastai export of a tiny CNN trained for ten epochs on synthetic images, in seconds.
+    What the command printed is kept beside it, in `train-output.txt`."""
     from app.train import main
 
     root = tmp_path_factory.mktemp("tiny")
     data = make_dataset(root / "data")
     out = root / "model"
-    status = main([str(data), "--arch", "tiny_cnn", "--no-pretrained", "--epochs", "10", "--freeze-epochs", "0",
-                   "--lr", "1e-2", "--size", "32", "--bs", "8", "--workers", "0", "--quiet", "--out", str(out)])
-    assert status == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        status = main([str(data), "--arch", "tiny_cnn", "--no-pretrained", "--epochs", "10", "--freeze-epochs", "0",
+                       "--lr", "1e-2", "--size", "32", "--bs", "8", "--workers", "0", "--quiet", "--out", str(out)])
+    (root / "train-output.txt").write_text(printed.getvalue())
+    assert status == 0, printed.getvalue()
     return out / "export.pkl"
 
 

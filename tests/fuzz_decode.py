@@ -1,4 +1,4 @@
-"""atheris fuzz target for `decode_image`: any input either decodes to RGB or raises ApiError.
+"""atheris fuzz target for `decode_image`: any input either decodes to RGB or raises ImageError.
 
 Run by tests/test_hardening.py with a bounded `-runs=N`; by hand: `python tests/fuzz_decode.py`.
 """
@@ -11,15 +11,15 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 with atheris.instrument_imports():
-    from app.errors import ApiError
-    from app.images import decode_image
+    from app.core.images import ImageError, decode_image
+from app.serving.errors import STATUSES
 
 
 def fuzz_one(data: bytes) -> None:
     try:
         img = decode_image(data, max_pixels=4_000_000)
-    except ApiError as exc:
-        assert exc.status in (413, 415), exc.status
+    except ImageError as exc:
+        assert STATUSES[exc.code] in (413, 415), exc.code
         return
     assert img.mode == "RGB"
 

@@ -140,14 +140,18 @@ class LocalHTTPServer:
 class AppProcess:
     """`python -m app` (the Docker start command) on a free port, with its log captured."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, container: Path | None = None):
+    def __init__(self, env: dict[str, str], log_path: Path, container: Path | None = None,
+                 without: tuple[str, ...] = ()):
         """`container`: start as a container with a mounted model folder does: `container` mounted
-        read-only (in a mount namespace of its own) and no home folder to write to."""
+        read-only (in a mount namespace of its own) and no home folder to write to. `without`:
+        packages made unimportable, as if not installed (tests/without_modules.py)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "THREADS": "2", **env}
         command = [sys.executable, "-m", "app"]
+        if without:
+            command = [sys.executable, str(ROOT / "tests" / "without_modules.py"), ",".join(without)]
         if container is not None:
             full_env["HOME"] = "/proc/no-home"  # not even root can create anything there
             for name in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR"):

@@ -40,7 +40,7 @@ def test_health_ready_and_model(server, tiny_export):
     info = requests.get(server.url + "/model").json()
     assert info["classes"] == CLASSES
     assert info["card"]["classes"] == CLASSES
-    from app.model_store import sha256_file
+    from app.core.files import sha256_file
 
     assert info["sha256"] == sha256_file(tiny_export)
 
@@ -52,7 +52,7 @@ def test_upload_returns_sorted_probabilities_that_match_learn_predict(server, ti
     assert resp.status_code == 200
     predictions = assert_predictions(resp.json())
     # learn.predict on the same decoded image: the API must give the same probabilities.
-    from app.images import decode_image
+    from app.core.images import decode_image
 
     _, _, probs = tiny_learner.predict(decode_image(data))
     expected = {label: float(p) for label, p in zip(tiny_learner.dls.vocab, probs, strict=True)}
@@ -185,8 +185,8 @@ def test_not_ready_before_the_model_is_loaded(tiny_export):
     """Without its lifespan (the model not loaded) the app answers 503 on everything model-bound."""
     from starlette.testclient import TestClient
 
-    from app.config import Settings
-    from app.server import create_app
+    from app.serving.app import create_app
+    from app.serving.config import Settings
 
     client = TestClient(create_app(Settings(model_path=tiny_export)))  # no `with`: lifespan not run
     assert client.get("/healthz").status_code == 200

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import secrets
 import shutil
 import subprocess
 import sys
@@ -28,8 +29,9 @@ from support import (
     synthetic_image,
 )
 
-from app.clean import score_folder
-from app.review import LOG_NAME, create_review_app, free_name
+from app.building.ranking import score_folder
+from app.building.review import LOG_NAME, free_name
+from app.building.review_app import THUMBNAIL_PX, create_review_app
 
 NOT_BEARS = ROOT.parent / "shared" / "data" / "not-bears"
 
@@ -83,6 +85,7 @@ def test_injected_noise_ranks_at_the_top_of_the_report(noisy_colours, tmp_path):
     ("empty class", "class folders with no images: reds"),
     ("undecodable class", "fewer than 2 photos that decode: reds"),
     ("read-only", "is read-only"),
+    ("loose photos", "the 12 photos directly in it must go into one sub-folder per class"),
 ])
 def test_bad_data_exits_2_with_one_line(tmp_path, setup, message):
     data = make_dataset(tmp_path / "data", per_class=4)
@@ -95,6 +98,11 @@ def test_bad_data_exits_2_with_one_line(tmp_path, setup, message):
     elif setup == "empty class":
         shutil.rmtree(data / "reds")
         (data / "reds").mkdir()
+    elif setup == "loose photos":
+        for photo in sorted(data.rglob("*.jpg")):
+            photo.rename(data / f"{photo.parent.name}-{photo.name}")
+        for cls in CLASS_COLOURS:
+            (data / cls).rmdir()
     elif setup == "undecodable class":
         for f in (data / "reds").iterdir():
             f.write_bytes(b"\xff\xd8 truncated")
@@ -135,8 +143,12 @@ class ReviewServer:
         self.ranking = score_folder(data, threads=1)
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(create_review_app(data, self.ranking), host="127.0.0.1", port=port,
-                                log_level="warning")
+        self.token = secrets.token_urlsafe(16)
+        # What the page's script does: the token from its link on every request for data.
+        self.http = requests.Session()
+        self.http.headers["X-Review-Token"] = self.token
+        config = uvicorn.Config(create_review_app(data, self.ranking, self.token, "127.0.0.1", port),
+                                host="127.0.0.1", port=port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -146,13 +158,13 @@ class ReviewServer:
             time.sleep(0.05)
 
     def items(self) -> dict:
-        return requests.get(self.url + "/api/items", timeout=10).json()
+        return self.http.get(self.url + "/api/items", timeout=10).json()
 
     def decide(self, item_id, action: str, to: str | None = None) -> requests.Response:
-        return requests.post(self.url + "/api/decide", json={"id": item_id, "action": action, "to": to}, timeout=10)
+        return self.http.post(self.url + "/api/decide", json={"id": item_id, "action": action, "to": to}, timeout=10)
 
     def undo(self) -> requests.Response:
-        return requests.post(self.url + "/api/undo", timeout=10)
+        return self.http.post(self.url + "/api/undo", timeout=10)
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -187,7 +199,8 @@ def test_reject_move_keep_undo_and_the_log(review):
     assert rejected["item"]["file"] == "_rejected/greens/board-1.png"
     assert (data / "_rejected" / "greens" / "board.png").read_bytes() == b"an earlier reject"
     kept = server.decide(find(listing, "reds/0.jpg")["id"], "keep").json()
-    assert kept["progress"] == {"reviewed": 3, "total": 48, "kept": 1, "moved": 1, "rejected": 1}
+    progress = {k: v for k, v in kept["progress"].items() if k != "flagged"}
+    assert progress == {"reviewed": 3, "total": 48, "kept": 1, "moved": 1, "rejected": 1}
 
     assert server.undo().json()["item"]["decision"] is None  # the keep
     undone = server.undo().json()["item"]  # the reject: the photo comes back
@@ -212,7 +225,9 @@ def test_a_restarted_review_shows_what_was_decided_and_can_undo_it(noisy_colours
     second = ReviewServer(data)  # scores the folders again, as they are now
     try:
         listing = second.items()
-        assert listing["progress"] == {"reviewed": 3, "total": 48, "kept": 1, "moved": 1, "rejected": 1}
+        flagged = sum(item["flagged"] for item in listing["items"])
+        assert listing["progress"] == {"reviewed": 3, "total": 48, "kept": 1, "moved": 1, "rejected": 1,
+                                       "flagged": flagged}
         assert find(listing, "reds/red-1.jpg")["decision"] == "move"
         assert find(listing, "_rejected/greens/board.png")["decision"] == "reject"
         assert find(listing, "blues/3.jpg")["decision"] == "keep"
@@ -228,27 +243,69 @@ def test_requests_never_name_paths_and_bad_ones_are_refused(review):
     before = sorted(str(p) for p in data.rglob("*"))
     for path in ("/thumb/../../etc/passwd", "/photo/%2e%2e%2fetc%2fpasswd", "/photo/-1", "/thumb/abc",
                  "/photo/100000"):
-        response = requests.get(server.url + path, timeout=10)
+        response = server.http.get(server.url + path, timeout=10)
         assert response.status_code in (400, 404), path
         assert "error" in response.json(), path
     for body in ({"id": "../../etc/passwd", "action": "reject"}, {"id": "blues/0.jpg", "action": "reject"},
                  {"id": True, "action": "keep"}, {"id": 0, "action": "delete"},
                  {"id": 0, "action": "move", "to": "../../outside"}, {"id": 0, "action": "move", "to": "_rejected"}):
-        response = requests.post(server.url + "/api/decide", json=body, timeout=10)
+        response = server.http.post(server.url + "/api/decide", json=body, timeout=10)
         assert response.status_code == 400, body
     assert server.decide(10_000, "keep").status_code == 404
-    assert requests.post(server.url + "/api/decide", data=b"{not json", timeout=10).status_code == 400
+    not_json = server.http.post(server.url + "/api/decide", data=b"{not json", timeout=10,
+                                headers={"Content-Type": "application/json"})
+    assert not_json.status_code == 400
     assert server.undo().status_code == 409  # nothing to undo
     assert sorted(str(p) for p in data.rglob("*")) == before
+
+
+def test_other_web_pages_cannot_drive_the_review(review):
+    """What a page on another site could send while the review runs: nothing moves, nothing leaks."""
+    server, data = review
+    before = sorted(str(p) for p in data.rglob("*"))
+    decide = server.url + "/api/decide"
+    reject = b'{"id": 0, "action": "reject"}'
+    # A cross-site "simple" request: text/plain, another Origin, and no token (it cannot know it).
+    simple = requests.post(decide, data=reject, timeout=10,
+                           headers={"Content-Type": "text/plain", "Origin": "http://evil.example"})
+    assert simple.status_code == 403
+    # Each guard on its own: no token; the token but another Origin; the token but not JSON.
+    assert requests.post(decide, data=reject, timeout=10,
+                         headers={"Content-Type": "application/json"}).json()["error"]["code"] == "bad_token"
+    assert server.http.post(decide, data=reject, timeout=10, headers={
+        "Content-Type": "application/json", "Origin": "http://evil.example"}).json()["error"]["code"] == "cross_origin"
+    assert server.http.post(decide, data=reject, timeout=10,
+                            headers={"Content-Type": "text/plain"}).status_code == 415
+    # DNS rebinding: the attacker's name now points at 127.0.0.1; the Host header still says so.
+    rebound = server.http.get(server.url + "/api/items", headers={"Host": "evil.example:8001"}, timeout=10)
+    assert rebound.status_code == 403 and str(data) not in rebound.text and "items" not in rebound.json()
+    assert requests.get(server.url + "/thumb/0", timeout=10).status_code == 403
+    assert sorted(str(p) for p in data.rglob("*")) == before
+    # The page itself, opened from the same address with the token, still works.
+    assert server.http.post(decide, json={"id": 0, "action": "keep"}, timeout=10,
+                            headers={"Origin": server.url}).status_code == 200
+
+
+def test_a_busy_port_is_one_line_before_any_url(tmp_path):
+    import socket
+
+    data = make_dataset(tmp_path / "data", per_class=3)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = clean_cli(str(data), "--port", str(taken.getsockname()[1]), timeout=120)
+    assert result.returncode == 2
+    assert "http://" not in result.stdout
+    assert result.stderr.count("\n") == 1 and "--port" in result.stderr, result.stderr
 
 
 def test_thumbnails_are_small_and_full_photos_only_on_request(review):
     server, data = review
     item = find(server.items(), "greens/board.png")
-    thumb = requests.get(f"{server.url}/thumb/{item['id']}", timeout=10)
+    thumb = server.http.get(f"{server.url}/thumb/{item['id']}", timeout=10)
     assert thumb.headers["content-type"] == "image/jpeg"
-    assert max(Image.open(__import__("io").BytesIO(thumb.content)).size) <= 192
-    full = requests.get(f"{server.url}/photo/{item['id']}", timeout=10)
+    assert max(Image.open(__import__("io").BytesIO(thumb.content)).size) <= THUMBNAIL_PX
+    full = server.http.get(f"{server.url}/photo/{item['id']}", timeout=10)
     assert full.content == (data / "greens" / "board.png").read_bytes()
 
 
@@ -303,7 +360,7 @@ def test_review_page_with_the_keyboard_and_buttons(review, browser, output_dir, 
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto("/")
+    page.goto(f"/?token={server.token}")
     page.wait_for_selector(".review-card")
     cards = page.locator(".review-card")
     assert cards.count() == 48
@@ -312,6 +369,12 @@ def test_review_page_with_the_keyboard_and_buttons(review, browser, output_dir, 
     assert {"blues/red-0.jpg", "blues/red-1.jpg", "greens/board.png"} <= set(first_files)
     assert page.get_attribute(".review-card img", "loading") == "lazy"
     assert page.inner_text("#progress").startswith("Reviewed 0 of 48")
+    flagged = server.items()["progress"]["flagged"]
+    assert 3 <= flagged < 48 and page.inner_text("#flagged").startswith(f"{flagged} of 48 photos flagged")
+    # The photo is the biggest thing on a card, on a phone and on a desktop.
+    photo = page.locator(".review-card .thumb").first.bounding_box()
+    body = page.locator(".review-card .card-body").first.bounding_box()
+    assert photo["width"] >= min(240, width - 80) and photo["width"] * photo["height"] > body["width"] * 40
     assert page.evaluate("document.documentElement.scrollWidth") <= width
 
     # Keyboard: the first photo has focus; R rejects it and focus moves on; U undoes.
@@ -331,6 +394,7 @@ def test_review_page_with_the_keyboard_and_buttons(review, browser, output_dir, 
     page.wait_for_function("document.querySelector('#progress').textContent.includes('1 moved')")
     assert (data / "reds" / "red-1.jpg").exists()
     assert card.locator(".decision").inner_text() == "Moved to reds"
+    assert card.locator(".labels").inner_text().startswith("Folder: reds (was blues)")
     page.locator(".review-card", has_text="greens/0.jpg").focus()
     page.keyboard.press("k")
     page.wait_for_function("document.querySelector('#progress').textContent.includes('1 kept')")
@@ -346,7 +410,7 @@ def test_file_names_from_the_internet_are_shown_as_text(tmp_path, browser):
     server = ReviewServer(data)
     try:
         page = browser.new_page(base_url=server.url)
-        page.goto("/")
+        page.goto(f"/?token={server.token}")
         page.wait_for_selector(".review-card")
         assert page.evaluate("window.pwned") is None
         assert page.locator(".file-name", has_text="<img src=x").count() == 1
@@ -366,16 +430,32 @@ def test_the_command_serves_the_review_page_and_prints_its_url(noisy_colours):
         while not any("http://" in line for line in lines):
             assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
             lines.append(proc.stdout.readline())
-        url = next(line for line in lines if "http://" in line).split("http://")[1].split("/")[0]
-        assert url == f"127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                listing = requests.get(f"http://{url}/api/items", timeout=5).json()
-                break
-            except requests.ConnectionError:
-                time.sleep(0.1)
+        link = next(line for line in lines if "http://" in line).split()[4]
+        url, token = link.split("http://")[1].split("/?token=")
+        assert url == f"127.0.0.1:{port}" and len(token) >= 24
+        assert requests.get(f"http://{url}/api/items", timeout=5).status_code == 403  # no token
+        listing = requests.get(f"http://{url}/api/items", params={"token": token}, timeout=5).json()
         assert listing["progress"]["total"] == 48
         assert requests.get(f"http://{url}/", timeout=5).text.startswith("<!doctype html>")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_listening_beyond_this_machine_says_who_can_move_photos(noisy_colours):
+    """With --host other than loopback the output says plainly what the link allows (only its
+    output is read: no request is sent to the other address)."""
+    data, _ = noisy_colours
+    proc = subprocess.Popen([sys.executable, "-m", "app.clean", str(data), "--host", "0.0.0.0",
+                             "--port", str(free_port())], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 120
+        while not any("warning" in line for line in lines):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            lines.append(proc.stdout.readline())
+        assert "anyone who can reach it and has the link can move your photos" in lines[-1]
     finally:
         proc.terminate()
         proc.wait(30)

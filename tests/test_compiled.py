@@ -19,12 +19,14 @@ import requests
 from PIL import Image
 from support import ROOT, AppProcess, image_bytes, synthetic_image
 
-from app.compiled import installed_versions, load_compiled, manifest_path
-from app.config import Settings
-from app.metrics import Metrics
-from app.model_store import ModelFile, sha256_file
-from app.predictor import FastPreprocess, ResizeStep, onnx_cache_path
-from app.startup import start_serving
+from app.core.compiled import installed_versions, load_compiled, manifest_path
+from app.core.files import sha256_file
+from app.core.model_file import ModelFile
+from app.core.preprocess import FastPreprocess, ResizeStep
+from app.core.runner import onnx_cache_path
+from app.serving.config import Settings
+from app.serving.metrics import Metrics
+from app.serving.startup import start_serving
 
 
 def check_model(model: Path, **env: str) -> None:
@@ -40,7 +42,7 @@ def model_file(model: Path) -> ModelFile:
 
 # The tiny export comes with an unfamiliar-image detector, so its compiled model has two outputs.
 def compiled_path(model: Path) -> Path:
-    return onnx_cache_path(model, sha256_file(model), features=True)
+    return onnx_cache_path(model, sha256_file(model), with_features=True)
 
 
 def record_path(model: Path) -> Path:
@@ -48,7 +50,7 @@ def record_path(model: Path) -> Path:
 
 
 def load_beside(model: Path):
-    return load_compiled(model_file(model), (model.parent,), threads=1, features=True)
+    return load_compiled(model_file(model), (model.parent,), threads=1, with_features=True)
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +97,11 @@ def test_a_checked_model_is_served_again_without_importing_torch_or_fastai(check
         import json, sys
         from pathlib import Path
         from PIL import Image
-        from app.compiled import load_compiled
-        from app.model_store import ModelFile, sha256_file
+        from app.core.compiled import load_compiled
+        from app.core.files import sha256_file
+        from app.core.model_file import ModelFile
         model = Path({str(model_copy)!r})
-        compiled = load_compiled(ModelFile(model, sha256_file(model), None), (model.parent,), 1, features=True)
+        compiled = load_compiled(ModelFile(model, sha256_file(model), None), (model.parent,), 1, with_features=True)
         p = compiled.predictor
         probs, features = p.infer(p.prepare(Image.open({str(img_path)!r}).convert("RGB"))[None])
         probs = probs[0]
@@ -187,8 +190,8 @@ def test_a_learner_that_disagrees_with_the_record_replaces_it(checked):
 
     async def restart():
         serving = await start_serving(Settings(model_path=model_copy, threads=1), Metrics())
-        compiled = serving.classifier.predictor
-        assert serving.learner == "loading"
+        compiled = serving.classifier.model.predictor
+        assert serving.learner_status() == "loading"
         await serving.background
         try:
             return compiled, serving
@@ -196,9 +199,9 @@ def test_a_learner_that_disagrees_with_the_record_replaces_it(checked):
             await serving.stop()
 
     compiled, serving = asyncio.run(restart())
-    assert serving.learner == "loaded"
-    assert serving.classifier.predictor is not compiled
-    assert serving.classifier.predictor.prepare.spec()["mean"] == recorded["preprocess"]["mean"]
+    assert serving.learner_status() == "loaded"
+    assert serving.classifier.model.predictor is not compiled
+    assert serving.classifier.model.predictor.prepare.spec()["mean"] == recorded["preprocess"]["mean"]
     assert json.loads(path.read_text())["preprocess"] == recorded["preprocess"]  # the record is rewritten
 
 
@@ -243,7 +246,7 @@ def test_activations_are_named_only_when_numpy_reproduces_them():
 
     from fastai.losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat
 
-    from app.predictor import activation
+    from app.learner.reproduce import activation
 
     def named(loss_func) -> str:
         return activation(SimpleNamespace(loss_func=loss_func))[0]

@@ -14,7 +14,7 @@ import pytest
 import requests
 from support import ROOT, AppProcess, image_bytes, synthetic_image
 
-from app.batcher import InferenceWorker, Overloaded
+from app.serving.batcher import InferenceWorker, Overloaded
 
 
 @pytest.fixture(scope="module")

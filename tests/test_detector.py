@@ -17,9 +17,10 @@ import pytest
 import requests
 from support import BEARS, CLASS_COLOURS, NO_BEARS, ROOT, image_bytes, synthetic_image
 
-from app.calibration import calibrate, expected_calibration_error, fit_temperature, fold_temperature, nll
-from app.detector import Detector, DetectorError, detector_path, knn_similarity, l2_normalised, threshold_keeping
-from app.model_store import ModelLoadError, sha256_file
+from app.building.calibration import calibrate, expected_calibration_error, fit_temperature, fold_temperature, nll
+from app.core.detector import Detector, DetectorError, detector_path, knn_similarity, l2_normalised, threshold_keeping
+from app.core.files import sha256_file
+from app.core.model_file import ModelLoadError
 
 NOT_BEARS = ROOT.parent / "shared" / "data" / "not-bears"
 
@@ -107,7 +108,7 @@ def checkerboard(size: int = 48) -> bytes:
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_export: Path):
-    from app.evaluate import load_model
+    from app.building.evaluate import load_model
 
     return load_model(tiny_export, threads=1)
 
@@ -124,8 +125,8 @@ def test_training_saves_a_detector_bound_to_the_export(tiny_export):
 def test_tiny_detector_flags_a_foreign_image_and_not_its_training_images(tiny_model, tmp_path):
     from support import make_dataset
 
-    from app.datasets import image_files
-    from app.evaluate import predict_files
+    from app.building.datasets import image_files
+    from app.building.measure import predict_files
 
     predictor, detector, _ = tiny_model
     data = make_dataset(tmp_path / "data")  # the very images the tiny model was trained on
@@ -140,13 +141,13 @@ def test_tiny_detector_flags_a_foreign_image_and_not_its_training_images(tiny_mo
 
 
 def test_fast_path_and_torch_path_agree_detector_included(tiny_learner, model_copy):
-    from app.classifier import infer_batch
-    from app.predictor import build_predictor
+    from app.core.prediction import infer_batch
+    from app.learner.compile import build_predictor
 
     sha = sha256_file(model_copy)
     detector = Detector.load(detector_path(model_copy), sha)
-    fast = build_predictor(tiny_learner, model_copy, sha, threads=1, features=True)
-    slow = build_predictor(tiny_learner, model_copy, sha, threads=1, backend="torch", features=True)
+    fast = build_predictor(tiny_learner, threads=1, with_features=True)
+    slow = build_predictor(tiny_learner, threads=1, backend="torch", with_features=True)
     assert (fast.backend, slow.backend) == ("onnx", "torch")
     images = [synthetic_image(c, size=(60, 50), seed=i) for i, c in enumerate(CLASS_COLOURS.values())]
     batch = np.stack([fast.prepare(img) for img in images])
@@ -169,9 +170,9 @@ def test_the_api_says_unfamiliar_and_model_describes_the_detector(server):
 
 
 def test_a_model_without_a_detector_is_served_as_before(model_copy):
-    from app.config import Settings
-    from app.metrics import Metrics
-    from app.startup import start_serving
+    from app.serving.config import Settings
+    from app.serving.metrics import Metrics
+    from app.serving.startup import start_serving
 
     detector_path(model_copy).unlink()
 
@@ -183,7 +184,7 @@ def test_a_model_without_a_detector_is_served_as_before(model_copy):
             async def read() -> bytes:
                 return data
 
-            return await serving.classifier.classify(read), serving.classifier.detector
+            return await serving.classifier.classify(read), serving.classifier.model.detector
         finally:
             await serving.stop()
 
@@ -192,9 +193,9 @@ def test_a_model_without_a_detector_is_served_as_before(model_copy):
 
 
 def test_a_detector_made_for_another_export_stops_start_up(model_copy, tiny_export, tmp_path):
-    from app.config import Settings
-    from app.metrics import Metrics
-    from app.startup import start_serving
+    from app.serving.config import Settings
+    from app.serving.metrics import Metrics
+    from app.serving.startup import start_serving
 
     other = tmp_path / "other.npz"
     Detector.load(detector_path(tiny_export), sha256_file(tiny_export))
@@ -214,7 +215,7 @@ def test_default_model_says_unfamiliar_for_photos_of_no_bear_and_not_for_bears(t
     validation photos (3% by construction of the threshold)."""
     from support import AppProcess
 
-    from app.datasets import find_classes, image_files, split
+    from app.building.datasets import find_classes, image_files, split
 
     app = AppProcess({}, tmp_path_factory.mktemp("default") / "server.log").wait_ready()
     try:
@@ -238,7 +239,7 @@ def test_the_server_keeps_numpys_openblas_to_one_thread():
     """Handing the detector's small matrix product to a second OpenBLAS thread between ONNX
     Runtime's batches cost a quarter of the throughput (README, Performance)."""
     script = ("import json, numpy; from threadpoolctl import threadpool_info; "
-              "from app.detector import single_threaded_blas; single_threaded_blas(); "
+              "from app.core.detector import single_threaded_blas; single_threaded_blas(); "
               "print(json.dumps([i['num_threads'] for i in threadpool_info() if i['internal_api'] == 'openblas']))")
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={**os.environ, "OPENBLAS_NUM_THREADS": "2"})

@@ -55,8 +55,10 @@ def test_evaluate_reports_accuracy_confusion_and_flagged_rates(tiny_export, tmp_
 @pytest.mark.parametrize("setup,message", [
     ("missing data", "data folder not found"),
     ("not a class", "are not classes of the model"),
-    ("missing model", "not found"),
+    ("missing model", "not found: pass --model PATH to an export.pkl"),
     ("missing other", "folder of unfamiliar photos not found"),
+    ("loose photos", "4 photos lie directly in it: put them in one sub-folder per class"),
+    ("data checked before the model", "data folder not found"),
 ])
 def test_bad_input_exits_2_with_one_line(tiny_export, tmp_path, setup, message):
     data = make_dataset(tmp_path / "data", per_class=2)
@@ -69,17 +71,27 @@ def test_bad_input_exits_2_with_one_line(tiny_export, tmp_path, setup, message):
         args[2] = str(tmp_path / "nope.pkl")
     elif setup == "missing other":
         args += ["--unfamiliar", str(tmp_path / "nope")]
+    elif setup == "loose photos":
+        args[0] = str(tmp_path / "loose")
+        make_dataset(tmp_path / "flat", per_class=2)
+        (tmp_path / "loose").mkdir()
+        for i, photo in enumerate(sorted((tmp_path / "flat").rglob("*.jpg"))[:4]):
+            photo.rename(tmp_path / "loose" / f"{i}.jpg")
+    elif setup == "data checked before the model":  # a model that would fail to load is never reached
+        args = [str(tmp_path / "nope"), "--model", str(tmp_path / "nope.pkl")]
     result = evaluate_cli(*args)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and message in result.stderr, result.stderr
+    assert "MODEL_PATH" not in result.stderr  # evaluate takes --model
 
 
 @pytest.mark.skipif(not BEARS.is_dir(), reason=NO_BEARS)
 def test_default_model_on_its_validation_split_the_way_the_server_runs_it():
     """The model card's figures, measured again through the server's path: accuracy of at least
     98.5% on the 321 held-out photos, and no real bear answered `teddys`."""
-    from app.datasets import find_classes, image_files, split
-    from app.evaluate import load_model, predict_files
+    from app.building.datasets import find_classes, image_files, split
+    from app.building.evaluate import load_model
+    from app.building.measure import predict_files
 
     predictor, detector, model = load_model(ROOT / "models" / "export.pkl", threads=2)
     files = [f for cls in find_classes(BEARS) for f in image_files(BEARS / cls)]

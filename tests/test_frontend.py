@@ -246,8 +246,9 @@ def test_unsure_predictions_say_so(server_without_detector, open_page):
     validation images, would call every such colour unfamiliar: it is served without one here.)"""
     server = server_without_detector
     blue, green, red = CLASS_COLOURS["blues"], CLASS_COLOURS["greens"], CLASS_COLOURS["reds"]
-    candidates = [tuple((a + b) // 2 for a, b in zip(x, y, strict=True)) for x, y in ((blue, green), (blue, red),
-                                                                                     (green, red))]
+    # Mixes of two class colours in several proportions: somewhere between two classes it is unsure.
+    candidates = [tuple(int(a + (b - a) * share) for a, b in zip(x, y, strict=True))
+                  for share in (0.5, 0.4, 0.6, 0.3, 0.7) for x, y in ((blue, green), (blue, red), (green, red))]
     unsure = None
     for colour in [*candidates, (128, 128, 128)]:
         data = jpeg(colour)

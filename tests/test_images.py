@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 from support import image_bytes, png_claiming, synthetic_image
 
-from app.errors import ApiError
-from app.images import decode_image, to_rgb
+from app.core.images import ImageError, decode_image, to_rgb
+from app.serving.errors import STATUSES
 
 
 def two_colour(width=80, height=60) -> Image.Image:
@@ -81,17 +81,17 @@ def test_first_frame_of_an_animation():
     (png_claiming(8000, 7000), 413),
 ])
 def test_bad_input_is_a_client_error(data, status):
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(ImageError) as err:
         decode_image(data)
-    assert err.value.status == status
+    assert STATUSES[err.value.code] == status
 
 
 def test_truncated_and_corrupted_images():
     good = image_bytes(synthetic_image((1, 2, 3), size=(200, 150)))
     for bad in (good[:200], good[: len(good) // 2], good[:20] + b"\0" * 500):
-        with pytest.raises(ApiError) as err:
+        with pytest.raises(ImageError) as err:
             decode_image(bad)
-        assert err.value.status == 415
+        assert STATUSES[err.value.code] == 415
 
 
 def test_draft_decodes_big_jpegs_smaller_but_never_below_the_request():

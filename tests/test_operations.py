@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from support import AppProcess, can_mount_read_only, run_app_until_exit
 
-from app.model_store import same_release, warn_on_version_drift
+from app.learner.loading import same_release, warn_on_version_drift
 
 UPLOAD_LIMIT_MB = 2  # the `server` fixture's MAX_UPLOAD_MB
 OVERSIZED = 8 * 1024 * 1024  # four times the limit: well within what the server reads and discards
@@ -128,11 +128,11 @@ def test_build_labels_are_not_version_drift(caplog):
     base = torch.__version__.split("+")[0]
     assert same_release(f"{base}+cpu", f"{base}+cu130")
     assert not same_release("2.14.1", "2.14.0") and not same_release(None, "2.14.1")
-    with caplog.at_level(logging.WARNING, logger="app.model"):
+    with caplog.at_level(logging.WARNING, logger="app.learner.loading"):
         warn_on_version_drift({"versions": {"fastai": fastai.__version__, "torch": f"{base}+cpu"}})
         warn_on_version_drift({"versions": {"fastai": fastai.__version__, "torch": f"{base}+cu130"}})
     assert caplog.records == []
-    with caplog.at_level(logging.WARNING, logger="app.model"):
+    with caplog.at_level(logging.WARNING, logger="app.learner.loading"):
         warn_on_version_drift({"versions": {"fastai": fastai.__version__, "torch": "1.4.0+cpu"}})
     assert len(caplog.records) == 1 and "1.4.0+cpu" in caplog.records[0].getMessage()
 

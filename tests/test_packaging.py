@@ -63,9 +63,10 @@ def test_zeit_config_is_a_docker_deployment():
 def test_readme_documents_the_commands_and_every_setting():
     readme = (ROOT / "README.md").read_text()
     assert "make run" in readme and "make test" in readme
-    from app.config import Settings
+    from app.serving.config import Settings
 
-    env_names = re.findall(r'get\("([A-Z_0-9]+)"\)|number\("([A-Z_0-9]+)"', (ROOT / "app" / "config.py").read_text())
+    config = (ROOT / "app" / "serving" / "config.py").read_text()
+    env_names = re.findall(r'get\("([A-Z_0-9]+)"\)|number\("([A-Z_0-9]+)"', config)
     names = {a or b for a, b in env_names} | {"ALLOW_PRIVATE_URLS"}
     for name in names:
         assert f"`{name}`" in readme, f"{name} is not documented in the README"

@@ -10,10 +10,13 @@ import pytest
 from PIL import Image
 from support import BEARS, NO_BEARS, ROOT, image_bytes, synthetic_image
 
-from app.classifier import ranked
-from app.images import decode_image
-from app.model_store import sha256_file
-from app.predictor import ResizeStep, build_predictor, fast_preprocess_from, fastai_preprocess, onnx_cache_path
+from app.core.files import sha256_file
+from app.core.images import decode_image
+from app.core.prediction import ranked
+from app.core.preprocess import ResizeStep
+from app.core.runner import onnx_cache_path
+from app.learner.compile import build_predictor
+from app.learner.reproduce import fast_preprocess_from, fastai_preprocess
 
 
 def test_ranked_sorts_high_to_low_and_keeps_every_class():
@@ -45,7 +48,7 @@ def test_fast_preprocessing_reads_the_learners_transforms(tiny_learner):
 
 
 def test_predictions_equal_learn_predict(tiny_learner, model_copy):
-    predictor = build_predictor(tiny_learner, model_copy, sha256_file(model_copy), threads=2)
+    predictor = build_predictor(tiny_learner, threads=2)
     assert predictor.backend == "onnx" and predictor.preprocessing == "pillow-numpy"
     for seed, colour in enumerate([(200, 40, 40), (40, 180, 60), (40, 60, 200), (128, 128, 128)]):
         img = synthetic_image(colour, size=(90 + seed * 40, 120), seed=seed)
@@ -58,14 +61,14 @@ def test_onnx_cache_is_reused_rebuilt_when_corrupt_and_keyed_by_the_export(tiny_
     sha = sha256_file(model_copy)
     cache = onnx_cache_path(model_copy, sha)
     assert not cache.exists()
-    build_predictor(tiny_learner, model_copy, sha, threads=1)
+    build_predictor(tiny_learner, threads=1, onnx_path=cache)
     assert cache.exists() and cache.name == f"export.{sha[:16]}.onnx"
     built = cache.stat().st_mtime_ns
     time.sleep(0.01)
-    build_predictor(tiny_learner, model_copy, sha, threads=1)
+    build_predictor(tiny_learner, threads=1, onnx_path=cache)
     assert cache.stat().st_mtime_ns == built  # reused, not rebuilt
     cache.write_bytes(b"half-written garbage")
-    predictor = build_predictor(tiny_learner, model_copy, sha, threads=1)
+    predictor = build_predictor(tiny_learner, threads=1, onnx_path=cache)
     assert predictor.backend == "onnx" and cache.stat().st_size > 1000  # rebuilt
     # A different export never uses this cache: its name carries the export's hash.
     assert onnx_cache_path(model_copy, "f" * 64) != cache
@@ -77,7 +80,7 @@ def test_torch_backend_and_fastai_preprocessing_fallbacks(tiny_learner, tiny_exp
 
     learn = load_learner(tiny_export, cpu=True)
     learn.dls.valid.after_item.add(CropPad(30))  # a transform the fast path does not reproduce
-    predictor = build_predictor(learn, model_copy, sha256_file(model_copy), threads=1, backend="torch")
+    predictor = build_predictor(learn, threads=1, backend="torch")
     assert predictor.backend == "torch" and predictor.preprocessing == "fastai"
     img = synthetic_image((200, 40, 40), size=(100, 80))
     probs = predictor.infer(predictor.prepare(img)[None])[0][0]
@@ -97,13 +100,13 @@ def test_a_model_whose_onnx_export_differs_is_served_with_torch(tiny_export, mod
 
     learn = load_learner(tiny_export, cpu=True)
     learn.model = nn.Sequential(PythonRandomness(), learn.model)
-    predictor = build_predictor(learn, model_copy, sha256_file(model_copy), threads=1)
+    predictor = build_predictor(learn, threads=1)
     assert predictor.backend == "torch"
     assert "ONNX path unusable, serving with torch" in caplog.text
-    from app.model_store import ModelLoadError
+    from app.core.model_file import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="INFERENCE_BACKEND=onnx"):
-        build_predictor(learn, model_copy, sha256_file(model_copy), threads=1, backend="onnx")
+        build_predictor(learn, threads=1, backend="onnx")
 
 
 @pytest.mark.skipif(not BEARS.is_dir(), reason=NO_BEARS)
@@ -115,7 +118,7 @@ def test_default_model_fast_path_matches_learn_predict_on_real_photos():
 
     model = ROOT / "models" / "export.pkl"
     learn = load_learner(model, cpu=True)
-    predictor = build_predictor(learn, model, sha256_file(model), threads=2)
+    predictor = build_predictor(learn, threads=2)
     assert predictor.backend == "onnx" and predictor.preprocessing == "pillow-numpy"
     photos = [p.read_bytes() for cls in ("black", "grizzly", "teddys") for p in sorted((BEARS / cls).iterdir())[:8]]
     rng = np.random.default_rng(0)

@@ -16,10 +16,17 @@ from inprocess import serve
 from support import AppProcess, LocalHTTPServer, image_bytes, synthetic_image
 from yarl import URL
 
-from app.config import Settings
-from app.errors import ApiError
-from app.fetch import DestinationNotAllowed, GuardedResolver, check_url, literal_address, public_only
-from app.server import create_app
+from app.serving.app import create_app
+from app.serving.config import Settings
+from app.serving.errors import STATUSES
+from app.serving.fetch import (
+    DestinationNotAllowed,
+    FetchError,
+    GuardedResolver,
+    check_url,
+    literal_address,
+    public_only,
+)
 
 IMAGE = image_bytes(synthetic_image((200, 40, 40)))
 
@@ -140,9 +147,9 @@ def test_resolver_refuses_a_name_mixing_public_and_private_addresses():
                                  "http://[fe80::1]/x", "http://[::ffff:10.0.0.1]/x", "http://[fc00::1]:8080/x",
                                  "http://0xa9.0xfe.0xa9.0xfe/x", "http://2852039166/x", "http://192.168.1/x"])
 def test_literal_addresses_are_refused_before_any_connection(url):
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(FetchError) as err:
         check_url(URL(url), public_only)
-    assert err.value.status == 403
+    assert STATUSES[err.value.code] == 403
 
 
 def test_legacy_ipv4_forms_are_understood():
@@ -154,6 +161,6 @@ def test_legacy_ipv4_forms_are_understood():
 
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "gopher://x/", "ftp://example.com/a.jpg", "http:///a.jpg"])
 def test_only_http_and_https(url):
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(FetchError) as err:
         check_url(URL(url), public_only)
-    assert err.value.status == 400
+    assert STATUSES[err.value.code] == 400

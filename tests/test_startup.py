@@ -12,14 +12,10 @@ from pathlib import Path
 import pytest
 from support import LocalHTTPServer, run_app_until_exit
 
-from app.model_store import (
-    LoadedModel,
-    ModelLoadError,
-    check_model_file,
-    fetch_model_file,
-    load_learner_from,
-    sha256_file,
-)
+from app.core.files import sha256_file
+from app.core.model_file import ModelLoadError, check_model_file
+from app.learner.loading import LoadedModel, load_learner_from
+from app.serving.model_source import fetch_model_file
 
 
 async def load_model(path: Path, url: str | None, sha256: str | None) -> LoadedModel:
@@ -45,11 +41,49 @@ def test_missing_model_stops_startup_with_one_line(tmp_path):
     assert "not found" in line and "python -m app.train" in line
 
 
+def test_a_folder_as_the_model_path_names_the_file_to_use(model_copy):
+    line = startup_error({"MODEL_PATH": str(model_copy.parent)})
+    assert "is a folder, not a model file" in line and f"set MODEL_PATH to {model_copy}" in line
+
+
+def test_weights_saved_instead_of_an_export_say_what_they_are(tiny_learner, tmp_path):
+    """The classic lesson-2 confusion: learn.save() or torch.save() instead of learn.export()."""
+    import torch
+
+    tiny_learner.path = tmp_path
+    saved = Path(tiny_learner.save(tmp_path / "stage-1"))  # learn.save() writes {"model": ..., "opt": ...}
+    torch.save(tiny_learner.model.state_dict(), tmp_path / "weights.pth")
+    torch.save(tiny_learner.model, tmp_path / "model.pth")
+    for path, what in ((saved, "holds only weights (learn.save()"), (tmp_path / "weights.pth", "holds only weights"),
+                       (tmp_path / "model.pth", "saved with torch.save(model)")):
+        line = startup_error({"MODEL_PATH": str(path)})
+        assert what in line and "learn.export()" in line, line
+
+
+def test_a_git_lfs_pointer_says_to_pull_the_file(tmp_path):
+    path = tmp_path / "export.pkl"
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "a" * 64 + "\nsize 46827520\n")
+    assert "git lfs pull" in startup_error({"MODEL_PATH": str(path)})
+
+
 def test_html_saved_as_the_model_is_reported_as_such(tmp_path):
     path = tmp_path / "export.pkl"
     path.write_bytes(HTML)
     line = startup_error({"MODEL_PATH": str(path)})
     assert "HTML page" in line and "direct download link" in line
+
+
+def test_a_busy_port_is_one_line_naming_the_setting():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_app_until_exit({"PORT": str(port), "MODEL_PATH": "models/export.pkl"})
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: cannot listen on 127.0.0.1:{port} (Address already in use): "
+                                     "set PORT (or HOST) to a free one")
 
 
 def test_bad_configuration_exits_2():

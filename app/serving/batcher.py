@@ -21,13 +21,18 @@ from typing import Any
 
 import numpy as np
 
-log = logging.getLogger("app.batcher")
+from app.core.errors import DomainError
+
+log = logging.getLogger(__name__)
 
 BatchObserver = Callable[[int, list[float], float], None]  # (batch size, queue waits, inference seconds)
 
 
-class Overloaded(Exception):
+class Overloaded(DomainError):
     """More requests are in the service than `capacity` allows."""
+
+    def __init__(self) -> None:
+        super().__init__("overloaded", "The server is busy; try again in a moment.")
 
 
 @dataclass

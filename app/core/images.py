@@ -1,4 +1,4 @@
-"""Turning untrusted bytes into an RGB Pillow image, or a clear client error.
+"""Turning untrusted bytes into an upright RGB Pillow image, or an `ImageError` saying why not.
 
 Pure functions: no server, no model. The decoding policy lives here and nowhere else.
 """
@@ -11,7 +11,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from app.errors import ApiError
+from app.core.errors import DomainError
+from app.core.formats import NAMED_FORMATS, READ_FORMATS
 
 try:  # iPhones send HEIC; without pillow-heif those uploads get a clear 415 instead.
     import pillow_heif
@@ -20,11 +21,6 @@ try:  # iPhones send HEIC; without pillow-heif those uploads get a clear 415 ins
 except ImportError:  # pragma: no cover - pillow-heif is in requirements.txt
     pass
 
-# Formats a parent's phone or browser produces. Restricting Pillow to these keeps its rarely used,
-# historically buggy decoders (PSD, EPS, ...) away from untrusted input. (The JPEG opener also
-# reads MPO, the multi-picture JPEG many phones write.)
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "HEIF", "AVIF", "BMP")
-
 Image.init()  # register every plugin now: Image.open(formats=...) looks names up without loading
 
 # We check the pixel count ourselves before decoding (see `decode_image`); Pillow's own check would
@@ -32,12 +28,20 @@ Image.init()  # register every plugin now: Image.open(formats=...) looks names u
 Image.MAX_IMAGE_PIXELS = None
 
 
-def unsupported(message: str) -> ApiError:
-    return ApiError(415, "unsupported_image", message)
+class ImageError(DomainError):
+    """Bytes that are not an image this project reads: `unsupported_image` (not an image, or
+    corrupt) or `image_too_large` (too many pixels)."""
 
 
-def too_large(message: str) -> ApiError:
-    return ApiError(413, "image_too_large", message)
+def unsupported(message: str) -> ImageError:
+    return ImageError("unsupported_image", message)
+
+
+def too_large(message: str) -> ImageError:
+    return ImageError("image_too_large", message)
+
+
+NOT_AN_IMAGE = f"This is not an image we can read. Send a {NAMED_FORMATS} photo."
 
 
 # Decompression bombs: a few KB of PNG or JPEG can claim billions of pixels.
@@ -55,9 +59,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, draft_size: tuple[in
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": harmless, and not per-request log material
-            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            img = Image.open(io.BytesIO(data), formats=READ_FORMATS)
     except UnidentifiedImageError:
-        raise unsupported("This is not an image we can read. Send a JPEG, PNG, WebP, GIF or HEIC photo.") from None
+        raise unsupported(NOT_AN_IMAGE) from None
     except Exception:  # Pillow raises assorted errors on malformed headers.
         raise unsupported("The image header is corrupt.") from None
     width, height = img.size
@@ -75,6 +79,16 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, draft_size: tuple[in
             return to_rgb(img)
     except Exception:  # truncated or corrupt pixel data
         raise unsupported("The image data is corrupt or truncated.") from None
+
+
+def image_format(data: bytes) -> str | None:
+    """Pillow's name for the format of image bytes this project reads (from the header alone), or
+    None."""
+    try:
+        with Image.open(io.BytesIO(data), formats=READ_FORMATS) as img:
+            return img.format
+    except Exception:  # not an image, or a header Pillow cannot parse
+        return None
 
 
 def _upright(img: Image.Image) -> Image.Image:

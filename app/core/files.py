@@ -1,10 +1,38 @@
-"""Finding folders this process may write to: the compiled-model cache, matplotlib's config."""
+"""Files on disk: their sha256, writing them atomically, and folders this process may write to
+(the compiled-model cache, feature caches, matplotlib's config)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
+
+
+def sha256_file(path: Path) -> str:
+    """The file's sha256, read in 1 MB pieces (an export is tens of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_atomically(dest: Path, data: bytes) -> None:
+    """Write `data` to `dest` through a temporary file in the same folder, renamed into place once
+    complete: a crash never leaves a half-written file under the real name."""
+    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    try:
+        # mkstemp's 0600 would hide the file from a server running as another user than the one
+        # that wrote it (the Dockerfile compiles as root and serves as an unprivileged user).
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def writable(folder: Path) -> bool:

@@ -1,4 +1,4 @@
-"""The review page of `python -m app.clean`: keep, reject or move photos, most suspicious first.
+"""The decisions of `python -m app.clean`'s review: keep, reject or move photos, most suspicious first.
 
 Photos only ever move inside DATA, by rename, never over another file; rejected photos go to
 DATA/_rejected/CLASS/ (which `app.train` skips); nothing is deleted. Requests name photos by their
@@ -8,31 +8,23 @@ happens (one JSON object a line), so a restarted review shows what was decided a
 
 from __future__ import annotations
 
-import asyncio
-import io
 import json
 import os
 import time
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Mount, Route
-from starlette.staticfiles import StaticFiles
+from app.building.datasets import REJECTED_DIR
+from app.building.ranking import OUTLIER_Z, Ranking
+from app.core.errors import DomainError
 
-from app.clean import Ranking
-from app.datasets import REJECTED_DIR
-from app.errors import ApiError, error_response
-from app.images import MAX_PIXELS, decode_image
-
-STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 LOG_NAME = ".clean-log.jsonl"
-THUMBNAIL_PX = 192
+
+
+class ReviewError(DomainError):
+    """A decision that cannot be made. Codes: `bad_id`, `no_such_photo`, `bad_action`,
+    `not_a_class`, `same_folder`, `outside_data`, `photo_gone`, `nothing_to_undo`."""
 
 
 @dataclass
@@ -45,6 +37,7 @@ class Item:
     score: float | None
     reason: str
     sha256: str
+    flagged: bool = False  # mislabeled or out of place by the ranking's verdicts (not by score alone)
     decision: str | None = None  # "keep", "reject" or "move", once decided
     moved_to: str | None = None  # the class a "move" went to
 
@@ -70,7 +63,7 @@ def move_inside(data: Path, source: Path, folder: Path, name: str | None = None)
     folder.mkdir(parents=True, exist_ok=True)
     for path in (source, folder):
         if not path.resolve().is_relative_to(data):
-            raise ApiError(400, "outside_data", "Photos only move inside the data folder.")
+            raise ReviewError("outside_data", "Photos only move inside the data folder.")
     while True:
         target = free_name(folder, name or source.name)
         try:
@@ -93,15 +86,16 @@ class Review:
         self.log_path = self.data / LOG_NAME
         self.items: list[Item] = []
         for name in ranking.undecodable:
-            self._add(name, name.split("/")[0], "", None, 1.0, "does not decode", "")
+            self._add(name, name.split("/")[0], "", None, 1.0, "does not decode", "", flagged=True)
         for s in ranking.suspects:
-            self._add(s.file, s.label, s.predicted, s.predicted_prob, s.score, s.reason, s.sha256)
+            self._add(s.file, s.label, s.predicted, s.predicted_prob, s.score, s.reason, s.sha256,
+                      flagged=s.label_issue or s.outlier >= OUTLIER_Z)
         self.undo_stack: list[dict[str, Any]] = []
         self._replay()
 
     def _add(self, file: str, label: str, predicted: str, prob: float | None, score: float | None, reason: str,
-             sha256: str) -> Item:
-        item = Item(len(self.items), file, label, predicted, prob, score, reason, sha256)
+             sha256: str, flagged: bool = False) -> Item:
+        item = Item(len(self.items), file, label, predicted, prob, score, reason, sha256, flagged)
         self.items.append(item)
         return item
 
@@ -163,9 +157,9 @@ class Review:
 
     def item(self, item_id: Any) -> Item:
         if not isinstance(item_id, int) or isinstance(item_id, bool):
-            raise ApiError(400, "bad_id", "Name a photo by its number in the listing.")
+            raise ReviewError("bad_id", "Name a photo by its number in the listing.")
         if not 0 <= item_id < len(self.items):
-            raise ApiError(404, "no_such_photo", f"There is no photo number {item_id} in the listing.")
+            raise ReviewError("no_such_photo", f"There is no photo number {item_id} in the listing.")
         return self.items[item_id]
 
     def decide(self, item: Item, action: str, target_class: str | None = None) -> Item:
@@ -174,22 +168,22 @@ class Review:
             entry: dict[str, Any] = {"action": "keep", "file": item.file, "sha256": item.sha256}
         elif action in ("reject", "move"):
             if action == "move" and target_class not in self.classes:
-                raise ApiError(400, "not_a_class", f"Move to one of: {', '.join(self.classes)}.")
+                raise ReviewError("not_a_class", f"Move to one of: {', '.join(self.classes)}.")
             if not source.is_file():
-                raise ApiError(409, "photo_gone", f"{item.file} is no longer in the data folder.")
+                raise ReviewError("photo_gone", f"{item.file} is no longer in the data folder.")
             # Rejected photos go to _rejected/<the class folder they are in now>.
             current = Path(item.file).parts[0]
             origin = current if current in self.classes else item.label
             folder = self.data / REJECTED_DIR / origin if action == "reject" else self.data / target_class
             if folder == source.parent:
-                raise ApiError(400, "same_folder", f"{item.file} is already in {folder.name}.")
+                raise ReviewError("same_folder", f"{item.file} is already in {folder.name}.")
             target = move_inside(self.data, source, folder)
             entry = {"action": action, "from": item.file, "to": target.relative_to(self.data).as_posix(),
                      "sha256": item.sha256}
             if action == "move":
                 entry["class"] = target_class
         else:
-            raise ApiError(400, "bad_action", "The action is keep, reject or move.")
+            raise ReviewError("bad_action", "The action is keep, reject or move.")
         self._write(entry)
         self._mark(item, entry)
         item.file = entry.get("to", item.file)
@@ -200,14 +194,14 @@ class Review:
         """Take back the last decision: the photo goes back where it was (under another name if
         its old one has been taken since) and shows the decision it had before, if any."""
         if not self.undo_stack:
-            raise ApiError(409, "nothing_to_undo", "There is nothing to undo.")
+            raise ReviewError("nothing_to_undo", "There is nothing to undo.")
         entry = self.undo_stack[-1]
         item = self.items[entry["id"]]
         record: dict[str, Any] = {"action": "undo", "of": entry["action"], "file": item.file}
         if entry.get("to"):
             current = self.data / item.file
             if not current.is_file():
-                raise ApiError(409, "photo_gone", f"{item.file} is no longer in the data folder.")
+                raise ReviewError("photo_gone", f"{item.file} is no longer in the data folder.")
             original = self.data / entry["from"]
             back = move_inside(self.data, current, original.parent, original.name)
             item.file = back.relative_to(self.data).as_posix()
@@ -221,92 +215,6 @@ class Review:
     def progress(self) -> dict[str, int]:
         decisions = [item.decision for item in self.items]
         return {"reviewed": sum(d is not None for d in decisions), "total": len(self.items),
+                "flagged": sum(item.flagged for item in self.items),
                 "kept": decisions.count("keep"), "moved": decisions.count("move"),
                 "rejected": decisions.count("reject")}
-
-
-# --- The application -----------------------------------------------------------------------------
-
-
-def create_review_app(data: Path, ranking: Ranking) -> Starlette:
-    review = Review(data, ranking)
-    lock = asyncio.Lock()  # one decision at a time: each reads and changes the same folders
-
-    @lru_cache(maxsize=4096)
-    def thumbnail(path: str, mtime_ns: int) -> bytes:
-        image = decode_image(Path(path).read_bytes(), MAX_PIXELS, (2 * THUMBNAIL_PX, 2 * THUMBNAIL_PX))
-        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=80)
-        return buffer.getvalue()
-
-    def photo_path(request: Request) -> Path:
-        item = review.item(request.path_params["id"])
-        path = review.data / item.file
-        if not path.is_file():
-            raise ApiError(404, "photo_gone", f"{item.file} is no longer in the data folder.")
-        return path
-
-    async def page(request: Request) -> Response:
-        return FileResponse(STATIC_DIR / "clean.html")
-
-    async def items(request: Request) -> JSONResponse:
-        return JSONResponse({"classes": review.classes, "data": str(review.data),
-                             "items": [item.public() for item in review.items], "progress": review.progress()})
-
-    async def thumb(request: Request) -> Response:
-        path = photo_path(request)
-        data = await asyncio.to_thread(thumbnail, str(path), path.stat().st_mtime_ns)
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-cache"})
-
-    async def full(request: Request) -> Response:
-        return FileResponse(photo_path(request))
-
-    async def decide(request: Request) -> JSONResponse:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise ApiError(400, "bad_json", "Send a JSON object: {\"id\": N, \"action\": \"keep\"}.") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "bad_json", "Send a JSON object: {\"id\": N, \"action\": \"keep\"}.")
-        async with lock:
-            item = review.item(body.get("id"))
-            item = await asyncio.to_thread(review.decide, item, body.get("action"), body.get("to"))
-        return JSONResponse({"item": item.public(), "progress": review.progress()})
-
-    async def undo(request: Request) -> JSONResponse:
-        async with lock:
-            item = await asyncio.to_thread(review.undo)
-        return JSONResponse({"item": item.public(), "progress": review.progress()})
-
-    async def on_api_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ApiError)
-        return exc.response()
-
-    async def on_http_exception(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        return error_response(exc.status_code, "not_found" if exc.status_code == 404 else "bad_request",
-                              str(exc.detail))
-
-    async def on_os_error(request: Request, exc: Exception) -> Response:
-        return error_response(409, "file_error", f"The data folder could not be changed: {exc}")
-
-    return Starlette(routes=[
-        Route("/", page),
-        Route("/api/items", items),
-        Route("/api/decide", decide, methods=["POST"]),
-        Route("/api/undo", undo, methods=["POST"]),
-        Route("/thumb/{id:int}", thumb),
-        Route("/photo/{id:int}", full),
-        Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
-    ], exception_handlers={ApiError: on_api_error, HTTPException: on_http_exception, OSError: on_os_error})
-
-
-def serve(data: Path, ranking: Ranking, host: str, port: int) -> int:
-    import uvicorn
-
-    app = create_review_app(data, ranking)
-    print(f"review the photos at http://{host}:{port}/  (Ctrl+C to stop; decisions are saved as you go)",
-          flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
-    return 0

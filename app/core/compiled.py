@@ -20,19 +20,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from app.folders import private_temp_dir, writable
-from app.model_store import ModelFile, sha256_file
-from app.predictor import (
-    ACTIVATIONS,
-    FastPreprocess,
-    Predictor,
-    inference,
-    onnx_cache_path,
-    onnx_runner,
-    write_atomically,
-)
+from app.core.files import private_temp_dir, sha256_file, writable, write_atomically
+from app.core.model_file import ModelFile
+from app.core.preprocess import FastPreprocess
+from app.core.runner import ACTIVATIONS, Predictor, inference, onnx_cache_path, onnx_runner
 
-log = logging.getLogger("app.compiled")
+log = logging.getLogger(__name__)
 
 # Bump when the meaning of a manifest field changes, so that older manifests are not trusted.
 MANIFEST_FORMAT = 2
@@ -105,7 +98,7 @@ def installed_versions() -> dict[str, str]:
     return versions
 
 
-def manifest_for(file: ModelFile, predictor: Predictor, vocab: list[str], features: bool) -> Manifest | None:
+def manifest_for(file: ModelFile, predictor: Predictor, vocab: list[str], with_features: bool) -> Manifest | None:
     """The manifest of a predictor built from the learner, or None if it needs torch or fastai to run
     (fastai preprocessing, the torch backend, a custom activation, or no ONNX file kept on disk)."""
     if (predictor.onnx_path is None or not isinstance(predictor.prepare, FastPreprocess)
@@ -113,7 +106,7 @@ def manifest_for(file: ModelFile, predictor: Predictor, vocab: list[str], featur
         return None
     return Manifest(export_sha256=file.sha256, onnx_sha256=sha256_file(predictor.onnx_path), vocab=list(vocab),
                     preprocess=predictor.prepare.spec(), activation=predictor.activation,
-                    versions=installed_versions(), features=features)
+                    versions=installed_versions(), features=with_features)
 
 
 def save_manifest(onnx_path: Path, manifest: Manifest) -> None:
@@ -125,25 +118,26 @@ def save_manifest(onnx_path: Path, manifest: Manifest) -> None:
         log.info("not recording the compiled model's check (%s): later starts will load the learner first", exc)
 
 
-def load_compiled(file: ModelFile, folders: tuple[Path, ...], threads: int, features: bool) -> CompiledModel | None:
+def load_compiled(file: ModelFile, folders: tuple[Path, ...], threads: int,
+                  with_features: bool) -> CompiledModel | None:
     """The compiled model recorded for exactly this export and these versions in the first of
     `folders` that has one, or None."""
     for folder in folders:
-        compiled = _load_compiled_from(folder, file, threads, features)
+        compiled = _load_compiled_from(folder, file, threads, with_features)
         if compiled is not None:
             return compiled
     return None
 
 
-def _load_compiled_from(folder: Path, file: ModelFile, threads: int, features: bool) -> CompiledModel | None:
-    onnx_path = onnx_cache_path(file.path, file.sha256, features, folder)
+def _load_compiled_from(folder: Path, file: ModelFile, threads: int, with_features: bool) -> CompiledModel | None:
+    onnx_path = onnx_cache_path(file.path, file.sha256, with_features, folder)
     path = manifest_path(onnx_path)
     if not path.exists():
         return None
     try:
         manifest = Manifest(**json.loads(path.read_text()))
         if (manifest.format != MANIFEST_FORMAT or manifest.export_sha256 != file.sha256
-                or manifest.features != features):
+                or manifest.features != with_features):
             raise ValueError("it was written for another export or by another version of this service")
         if manifest.versions != installed_versions():
             raise ValueError(f"it was checked with other library versions ({manifest.versions})")

@@ -3,7 +3,8 @@
 Every destination is checked against an address policy: the address aiohttp actually connects to
 (names are resolved once, by `GuardedResolver`, and only approved addresses are handed to the
 connector), again for every redirect hop, and once more on the connected socket's peer address.
-Size, time and redirects are bounded; every failure is an `ApiError` with the right status.
+Size, time and redirects are bounded; every failure is a `FetchError` whose code says whose fault
+it is (`app.serving.errors` maps it to a status).
 """
 
 from __future__ import annotations
@@ -19,12 +20,18 @@ import aiohttp
 from aiohttp.abc import AbstractResolver
 from yarl import URL
 
-from app.errors import ApiError
+from app.core.errors import DomainError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 AddressPolicy = Callable[[IPAddress], bool]
 
 MAX_REDIRECTS = 3
+
+
+class FetchError(DomainError):
+    """A URL that cannot be fetched, or a remote server that failed us. Codes: `missing_url`,
+    `invalid_url`, `destination_not_allowed`, `image_too_large`, `remote_error`, `remote_not_image`,
+    `remote_unreachable`, `too_many_redirects`, `remote_timeout`."""
 _REDIRECTS = {301, 302, 303, 307, 308}
 
 
@@ -47,8 +54,8 @@ def allow_any(ip: IPAddress) -> bool:
     return True
 
 
-def forbidden(host: str) -> ApiError:
-    return ApiError(403, "destination_not_allowed", f"Fetching from {host} is not allowed: it is not a public address.")
+def forbidden(host: str) -> FetchError:
+    return FetchError("destination_not_allowed", f"Fetching from {host} is not allowed: it is not a public address.")
 
 
 def literal_address(host: str) -> IPAddress | None:
@@ -67,12 +74,12 @@ def literal_address(host: str) -> IPAddress | None:
 
 
 def check_url(url: URL, policy: AddressPolicy) -> URL:
-    """Refuse what no fetch may touch before any connection is made; raise ApiError."""
+    """Refuse what no fetch may touch before any connection is made; raise FetchError."""
     if url.scheme not in ("http", "https"):
-        raise ApiError(400, "invalid_url", "Only http and https URLs can be fetched.")
+        raise FetchError("invalid_url", "Only http and https URLs can be fetched.")
     host = url.raw_host
     if not host:
-        raise ApiError(400, "invalid_url", "The URL has no host.")
+        raise FetchError("invalid_url", "The URL has no host.")
     address = literal_address(host)
     if address is not None:
         if not policy(address):
@@ -124,15 +131,15 @@ def make_session(
 
 def parse_url(raw: str | None) -> URL:
     if not raw:
-        raise ApiError(400, "missing_url", "Give the image address as ?url=https://...")
+        raise FetchError("missing_url", "Give the image address as ?url=https://...")
     if len(raw) > 4096:
-        raise ApiError(400, "invalid_url", "The URL is too long.")
+        raise FetchError("invalid_url", "The URL is too long.")
     try:
         url = URL(raw.strip())
     except (ValueError, TypeError):
-        raise ApiError(400, "invalid_url", "That is not a valid URL.") from None
+        raise FetchError("invalid_url", "That is not a valid URL.") from None
     if not url.is_absolute():
-        raise ApiError(400, "invalid_url", "The URL must be absolute, like https://example.com/bear.jpg.")
+        raise FetchError("invalid_url", "The URL must be absolute, like https://example.com/bear.jpg.")
     return url
 
 
@@ -149,19 +156,19 @@ async def fetch_image_bytes(session: aiohttp.ClientSession, url: URL, policy: Ad
                         url = resp.url.join(URL(resp.headers["Location"]))
                         continue
                     if resp.status != 200:
-                        raise ApiError(502, "remote_error", f"The image server answered HTTP {resp.status}.")
+                        raise FetchError("remote_error", f"The image server answered HTTP {resp.status}.")
                     return await _read_body(resp, max_bytes)
-            raise ApiError(502, "too_many_redirects", f"The image URL redirected more than {MAX_REDIRECTS} times.")
+            raise FetchError("too_many_redirects", f"The image URL redirected more than {MAX_REDIRECTS} times.")
     except TimeoutError:
-        raise ApiError(504, "remote_timeout", f"The image server did not answer within {timeout_s:g} s.") from None
+        raise FetchError("remote_timeout", f"The image server did not answer within {timeout_s:g} s.") from None
     except DestinationNotAllowed as exc:
         raise forbidden(exc.host) from None
     except aiohttp.InvalidURL:
-        raise ApiError(400, "invalid_url", "That is not a valid URL.") from None
+        raise FetchError("invalid_url", "That is not a valid URL.") from None
     except aiohttp.ClientConnectorDNSError:
-        raise ApiError(502, "remote_unreachable", f"The host {url.host} could not be found.") from None
+        raise FetchError("remote_unreachable", f"The host {url.host} could not be found.") from None
     except (aiohttp.ClientError, ConnectionError) as exc:
-        raise ApiError(502, "remote_unreachable", f"Could not fetch the image ({type(exc).__name__}).") from None
+        raise FetchError("remote_unreachable", f"Could not fetch the image ({type(exc).__name__}).") from None
 
 
 def _check_peer(resp: aiohttp.ClientResponse, policy: AddressPolicy, url: URL) -> None:
@@ -172,12 +179,12 @@ def _check_peer(resp: aiohttp.ClientResponse, policy: AddressPolicy, url: URL) -
 
 
 async def _read_body(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:
-    too_big = ApiError(413, "image_too_large", f"The image is larger than {max_bytes // (1024 * 1024)} MB.")
+    too_big = FetchError("image_too_large", f"The image is larger than {max_bytes // (1024 * 1024)} MB.")
     if resp.content_length is not None and resp.content_length > max_bytes:
         raise too_big
     encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("identity", "gzip", "deflate", "x-gzip", ""):
-        raise ApiError(502, "remote_error", f"The image server used an unsupported encoding ({encoding}).")
+        raise FetchError("remote_error", f"The image server used an unsupported encoding ({encoding}).")
     # wbits 47 accepts both gzip and zlib framing; max_length bounds what one chunk may expand to.
     inflate = zlib.decompressobj(wbits=47) if encoding not in ("identity", "") else None
     parts, size = [], 0
@@ -190,5 +197,5 @@ async def _read_body(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:
                 raise too_big
             parts.append(chunk)
     except zlib.error:
-        raise ApiError(502, "remote_error", "The image server sent a corrupt compressed body.") from None
+        raise FetchError("remote_error", "The image server sent a corrupt compressed body.") from None
     return b"".join(parts)

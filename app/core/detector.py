@@ -22,11 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from app.predictor import write_atomically
+from app.core.files import write_atomically
+from app.core.model_file import ModelFile, ModelLoadError
 
 METHOD = "knn-cosine"
 FEATURE = "pooled"  # the input of fastai's head: the concatenated average- and max-pooled body output
 FORMAT = 1
+# Compare with the k-th nearest training photo, and keep this share of validation photos familiar:
+# how they were chosen is in the README ("Unfamiliar photos") and the model card.
+DEFAULT_K = 5
+DEFAULT_KEEP = 0.97
 
 
 class DetectorError(ValueError):
@@ -66,8 +71,8 @@ class Detector:
     feature: str = FEATURE
 
     @classmethod
-    def fit(cls, export_sha256: str, train_features: np.ndarray, valid_features: np.ndarray, k: int,
-            keep: float = 0.97) -> Detector:
+    def fit(cls, export_sha256: str, train_features: np.ndarray, valid_features: np.ndarray, k: int = DEFAULT_K,
+            keep: float = DEFAULT_KEEP) -> Detector:
         """A detector on these training features, its threshold set to keep `keep` of the validation
         photos familiar. Validation photos are never in the reference set, so their scores are what
         a new real photo would get."""
@@ -121,8 +126,8 @@ def single_threaded_blas() -> None:
     """Limit the OpenBLAS that NumPy loaded to one thread, for the life of the process. The
     detector's matrix product (a batch against the training features) is far too small to gain
     from a second thread, and handing work to OpenBLAS threads between ONNX Runtime's batches
-    cost 10 ms a batch of 8 here (serving with the detector ran at 73% of the rate without it;
-    0.5 ms with one thread). Only OpenBLAS: torch and ONNX Runtime keep their own threads."""
+    cost 10 ms a batch of 8 (README, Performance). Only OpenBLAS: torch and ONNX Runtime keep
+    their own threads."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
     openblas = {info["prefix"]: 1 for info in threadpool_info() if info["internal_api"] == "openblas"}
@@ -132,3 +137,14 @@ def single_threaded_blas() -> None:
 
 def detector_path(model_path: Path) -> Path:
     return model_path.with_name(f"{model_path.stem}.detector.npz")
+
+
+def load_detector(file: ModelFile) -> Detector | None:
+    """The unfamiliar-image detector saved with this export, None if it has none."""
+    path = detector_path(file.path)
+    if not path.exists():
+        return None
+    try:
+        return Detector.load(path, file.sha256)
+    except DetectorError as exc:
+        raise ModelLoadError(str(exc)) from None

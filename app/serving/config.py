@@ -9,8 +9,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
-from app.images import MAX_PIXELS
+from app.core.images import MAX_PIXELS
+from app.core.runner import BackendChoice
 
 
 class ConfigError(ValueError):
@@ -54,7 +56,7 @@ class Settings:
     threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
     max_batch: int = 8
     queue_size: int = 64
-    backend: str = "auto"
+    backend: BackendChoice = "auto"
     cors_origins: tuple[str, ...] = ()
     max_pixels: int = MAX_PIXELS
     shutdown_timeout_s: float = 20
@@ -104,7 +106,7 @@ class Settings:
             threads=number("THREADS", defaults.threads, int, 1),
             max_batch=number("MAX_BATCH", defaults.max_batch, int, 1),
             queue_size=number("QUEUE_SIZE", defaults.queue_size, int, 1),
-            backend=backend,
+            backend=cast(BackendChoice, backend),
             cors_origins=origins,
             shutdown_timeout_s=number("SHUTDOWN_TIMEOUT_S", defaults.shutdown_timeout_s, float, 0),
         )

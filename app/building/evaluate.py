@@ -1,0 +1,117 @@
+"""Evaluate a model the way the server runs it, on photos it never saw.
+
+    python -m app.evaluate DATA [--model models/export.pkl] [--unfamiliar OTHER] [--json FILE]
+
+DATA holds one sub-folder of photos per class (a subset of the model's classes); OTHER, photos that
+belong to no class, in any sub-folders (cats/, cars/, ...). Every photo goes through the server's
+decoding, preprocessing, compiled model and unfamiliar-image detector. Prints accuracy, the
+confusion matrix and how many photos the detector flags (per class of DATA, per sub-folder of
+OTHER); `--json FILE` writes the same figures. Exits 2 with a one-line message on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from app.building.cli import UsageError, add_threads, parser, run_command, threads_or_all
+from app.building.datasets import find_classes, image_files
+from app.building.measure import evaluate, unfamiliar_files
+from app.core.detector import Detector, load_detector
+from app.core.model_file import ModelLoadError, open_model_file
+from app.core.runner import Predictor, onnx_cache_path
+from app.learner.compile import build_predictor
+from app.learner.loading import LoadedModel, load_learner_from
+
+
+def format_report(report: dict[str, Any]) -> str:
+    vocab = report["classes"]
+    lines = [f"accuracy  {report['accuracy']:.2%}  ({report['images'] - report['errors']} of {report['images']})"]
+    if report["undecodable"]:
+        lines.append(f"undecodable  {len(report['undecodable'])} (skipped)")
+    corner = "actual \\ predicted"
+    width = max(len(c) for c in [*vocab, corner])
+    lines += ["", f"{corner:<{width}}  " + "  ".join(f"{c:>8}" for c in vocab)]
+    for cls, row in zip(vocab, report["confusion_matrix"]["rows_actual_cols_predicted"], strict=True):
+        lines.append(f"{cls:<{width}}  " + "  ".join(f"{n:>8}" for n in row))
+    if report["detector"] is None:
+        lines += ["", "no unfamiliar-image detector: this model answers with one of its classes for any photo"]
+        return "\n".join(lines)
+
+    def rows(title: str, overall: dict, groups: dict) -> list[str]:
+        out = ["", f"{title:<24} {'flagged':>8} {'of':>6} {'rate':>7}"]
+        for name, r in [*groups.items(), ("all", overall)]:
+            out.append(f"{name:<24} {r['flagged']:>8} {r['images']:>6} {r['rate']:>7.1%}")
+        return out
+
+    known = report["flagged_known"]
+    lines += rows("unfamiliar? (real class)", known["overall"], known["per_class"])
+    if report.get("flagged_unfamiliar"):
+        other = report["flagged_unfamiliar"]
+        lines += rows("unfamiliar? (no class)", other["overall"], other["per_folder"])
+    return "\n".join(lines)
+
+
+# --- Command line --------------------------------------------------------------------------------
+
+
+# --- Command line --------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = parser("python -m app.evaluate", __doc__)
+    p.add_argument("data", type=Path, help="folder with one sub-folder of photos per class")
+    p.add_argument("--model", type=Path, default=Path("models/export.pkl"), help="the fastai export")
+    p.add_argument("--unfamiliar", type=Path, metavar="OTHER", help="folder of photos that belong to no class")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE")
+    add_threads(p, "inference")
+    return p.parse_args(argv)
+
+
+def load_model(model_path: Path, threads: int,
+               with_features: bool | None = None) -> tuple[Predictor, Detector | None, LoadedModel]:
+    """The predictor and detector the server would build for this export (its self-check included),
+    and the learner. `with_features=True` makes the predictor output the pooled features even when
+    the export has no detector (to compare detectors on it)."""
+    if not model_path.is_file():
+        what = "is a folder, not an export" if model_path.is_dir() else "not found"
+        raise UsageError(f"model {model_path} {what}: pass --model PATH to an export.pkl")
+    try:
+        file = open_model_file(model_path)
+        detector = load_detector(file)
+        model = load_learner_from(file)
+        features = detector is not None if with_features is None else with_features
+        predictor = build_predictor(model.learn, threads, "auto", features,
+                                    onnx_cache_path(file.path, file.sha256, features))
+    except ModelLoadError as exc:
+        raise UsageError(str(exc)) from None
+    return predictor, detector, model
+
+
+def check_folders(data: Path, unfamiliar: Path | None) -> None:
+    """Bad folders are reported at once, before the model takes seconds to load."""
+    if not data.is_dir():
+        raise UsageError(f"data folder not found: {data}")
+    if not find_classes(data):
+        loose = image_files(data)
+        hint = f" ({len(loose)} photos lie directly in it: put them in one sub-folder per class)" if loose else ""
+        raise UsageError(f"no class folders in {data}: it needs one sub-folder of photos per class{hint}")
+    if unfamiliar is not None:
+        unfamiliar_files(unfamiliar)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def run() -> int:
+        check_folders(args.data, args.unfamiliar)
+        predictor, detector, model = load_model(args.model, threads_or_all(args.threads))
+        report = evaluate(predictor, detector, model.vocab, args.data, args.unfamiliar)
+        print(format_report(report))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+        return 0
+
+    return run_command(run)

@@ -1,0 +1,184 @@
+"""Everything after the training loop: calibration, export, the unfamiliar-image detector, the
+validation figures (measured through the server's own decoding and preprocessing), plots and the
+model card."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from app.building.calibration import Calibration, calibrate, fold_temperature
+from app.building.measure import Outputs, confusion_matrix, predict_files, unfamiliar_rates
+from app.core.detector import Detector, detector_path
+from app.core.files import sha256_file
+from app.learner.compile import build_predictor
+from app.learner.features import with_features
+
+EXPORT_NAME = "export.pkl"
+CARD_NAME = "model-card.json"
+PLOTS = ("confusion-matrix.png", "top-losses.png")
+
+
+
+@dataclass
+class Finished:
+    """What `finish` measured and wrote."""
+
+    vocab: list[str]
+    valid: Outputs  # the validation photos, run as the server runs them (after calibration)
+    targets: np.ndarray
+    calibration: Calibration | None
+    detector: Detector | None
+    export_path: Path
+    unfamiliar: dict[str, Any] | None = None  # flagged rates of --unfamiliar photos, per folder
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.valid.probs.argmax(axis=1)
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.predicted == self.targets).mean())
+
+    @property
+    def confusion(self) -> np.ndarray:
+        return confusion_matrix(self.targets, self.predicted, len(self.vocab))
+
+
+def finish(learn: Any, train_files: list[Path], valid_files: list[Path], out: Path, k: int, keep: float,
+           unfamiliar: Path | None = None, threads: int | None = None) -> Finished:
+    """Calibrate, export and fit the unfamiliar-image detector, all through the server's own
+    decoding and preprocessing (the torch fallback of `app.predictor`), so that the validation
+    figures and the detector's reference features are what the server will see."""
+    from scipy.special import softmax
+
+    vocab = [str(v) for v in learn.dls.vocab]
+    threads = threads or os.cpu_count() or 1
+    has_features = with_features(learn.model) is not None
+    predictor = build_predictor(learn, threads, backend="torch", with_features=has_features)
+    valid = predict_files(predictor, None, valid_files)
+    targets = np.array([vocab.index(p.parent.name) for p in valid.files])
+    # log-probabilities are the logits up to a constant per row, which softmax ignores.
+    log_probs = np.log(np.maximum(valid.probs.astype(np.float64), np.finfo(np.float32).tiny))
+    calibration = calibrate(log_probs, targets) if predictor.activation == "softmax" else None
+    if calibration is not None and calibration.applied:
+        fold_temperature(learn.model, calibration.temperature)
+        valid.probs = softmax(log_probs / calibration.temperature, axis=1).astype(np.float32)
+    export_path = export(learn, out)
+    detector = None
+    if has_features and valid.features is not None:
+        reference = predict_files(predictor, None, train_files).features
+        detector = Detector.fit(sha256_file(export_path), reference, valid.features, k, keep)
+        detector.save(detector_path(export_path))
+    else:
+        detector_path(export_path).unlink(missing_ok=True)
+    finished = Finished(vocab, valid, targets, calibration, detector, export_path)
+    if unfamiliar is not None and detector is not None:
+        finished.unfamiliar = unfamiliar_rates(predictor, detector, unfamiliar)
+    return finished
+
+
+def export(learn: Any, out: Path) -> Path:
+    learn.path = out
+    path = out / EXPORT_NAME
+    learn.export(path.resolve())
+    return path
+
+
+def save_plots(done: Finished, out: Path, top: int = 9) -> None:
+    """The validation confusion matrix and the photos with the highest loss, as PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    ConfusionMatrixDisplay(done.confusion, display_labels=done.vocab).plot(cmap="Blues", colorbar=False)
+    plt.title("validation: actual (rows) vs predicted")
+    plt.savefig(out / PLOTS[0], bbox_inches="tight", dpi=100)
+    plt.close("all")
+
+    probs = done.valid.probs
+    losses = -np.log(np.maximum(probs[np.arange(len(done.targets)), done.targets], 1e-12))
+    order = np.argsort(-losses)[:top]
+    cols = max(1, int(np.ceil(np.sqrt(len(order)))))
+    rows = int(np.ceil(len(order) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, order, strict=False):
+        with Image.open(done.valid.files[i]) as im:
+            ax.imshow(im.convert("RGB"))
+        guess = int(probs[i].argmax())
+        ax.set_title(f"{done.vocab[done.targets[i]]} -> {done.vocab[guess]}\n"
+                     f"p={probs[i][guess]:.2f} loss={losses[i]:.2f}", fontsize=9)
+    fig.suptitle("validation photos with the highest loss (actual -> predicted)")
+    fig.savefig(out / PLOTS[1], bbox_inches="tight", dpi=80)
+    plt.close("all")
+
+
+def model_card(done: Finished, learn: Any, args: argparse.Namespace, counts: Counter, train_images: int,
+               seconds: float, argv: list[str]) -> dict:
+    import fastai
+    import torch
+    import torchvision
+
+    norm = [t for t in learn.dls.after_batch if type(t).__name__ == "Normalize"]
+    stats = None
+    if norm:
+        stats = {"mean": [round(v, 4) for v in norm[0].mean.flatten().tolist()],
+                 "std": [round(v, 4) for v in norm[0].std.flatten().tolist()]}
+    detector = None
+    if done.detector is not None:
+        detector = {**done.detector.describe(),
+                    "threshold_rule": f"the {1 - args.detector_keep:.0%} quantile of the validation split's "
+                                      "scores (validation photos only; photos of no class never set it)",
+                    "unfamiliar_photos": done.unfamiliar}
+    return {
+        "classes": done.vocab,
+        "architecture": args.arch,
+        "pretrained": args.pretrained,
+        "input_size": args.size,
+        "normalization": stats,
+        "images_per_class": dict(sorted(counts.items())),
+        "train_images": train_images,
+        "valid_images": len(done.targets),
+        "epochs": {"frozen": args.freeze_epochs, "unfrozen": args.epochs},
+        "learning_rate": args.lr,
+        "label_smoothing": args.label_smoothing,
+        "seed": args.seed,
+        "valid_pct": args.valid_pct,
+        "valid_accuracy": round(done.accuracy, 4),
+        "valid_error_rate": round(1 - done.accuracy, 4),
+        "confusion_matrix": {"labels": done.vocab, "rows_actual_cols_predicted": done.confusion.tolist()},
+        "calibration": done.calibration.describe() if done.calibration is not None else None,
+        "detector": detector,
+        "training_seconds": round(seconds, 1),
+        "versions": {"fastai": fastai.__version__, "torch": torch.__version__,
+                     "torchvision": torchvision.__version__, "python": sys.version.split()[0]},
+        "command": shlex.join(["python", "-m", "app.train", *argv]),
+        "export_sha256": sha256_file(done.export_path),
+        "export_bytes": done.export_path.stat().st_size,
+    }
+
+
+
+
+def complete(learn: Any, train_files: list[Path], valid_files: list[Path], seconds: float, args: argparse.Namespace,
+             counts: Counter, argv: list[str]) -> dict[str, Any]:
+    """Everything after the training loop: calibration, export, detector, plots and model card."""
+    done = finish(learn, train_files, valid_files, args.out, args.detector_k, args.detector_keep, args.unfamiliar)
+    save_plots(done, args.out)
+    card = model_card(done, learn, args, counts, len(train_files), seconds, argv)
+    (args.out / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+    return card

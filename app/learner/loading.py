@@ -1,0 +1,90 @@
+"""Unpickling an exported fastai learner (importing torch and fastai), with a one-line
+`ModelLoadError` that says what to do when it cannot be loaded."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.core.model_file import ModelFile, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    file: ModelFile
+    learn: Any
+    vocab: list[str]
+
+
+def _version_hint(card: dict[str, Any] | None) -> str:
+    import fastai
+    import torch
+
+    installed = f"installed: fastai {fastai.__version__}, torch {torch.__version__}"
+    trained = (card or {}).get("versions")
+    if trained:
+        return f"{installed}; trained with fastai {trained.get('fastai')}, torch {trained.get('torch')}"
+    return installed
+
+
+def load_learner_checked(path: Path, card: dict[str, Any] | None) -> Any:
+    """`load_learner(path, cpu=True)`, turning unpickling failures into an actionable message."""
+    from fastai.learner import load_learner
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fastai's pickle-safety notice, torch deprecations
+            try:
+                learn = load_learner(path, cpu=True)
+            except UnboundLocalError:
+                # fastai swallows most ImportErrors and then trips over an unset variable; unpickle
+                # again without it to surface the real error.
+                import torch
+
+                torch.load(path, map_location="cpu", weights_only=False)
+                raise
+    except (AttributeError, ModuleNotFoundError, ImportError, TypeError) as exc:
+        raise ModelLoadError(
+            f"{path} could not be unpickled ({type(exc).__name__}: {exc}): the export needs code or "
+            f"versions this server lacks ({_version_hint(card)}); install the fastai and torch versions "
+            "it was trained with, and make any custom functions it uses importable"
+        ) from None
+    except Exception as exc:  # corrupt archives raise RuntimeError, UnpicklingError, EOFError...
+        raise ModelLoadError(f"{path} is not a loadable fastai export ({type(exc).__name__}: {exc})") from None
+    if not hasattr(learn, "dls") or not hasattr(learn, "model"):
+        raise ModelLoadError(f"{path} holds a {type(learn).__name__}, not a fastai Learner from learn.export()")
+    learn.model.eval()
+    return learn
+
+
+def same_release(a: str | None, b: str | None) -> bool:
+    """Whether two version strings name the same release, ignoring the local build label
+    (`2.14.1+cpu` and `2.14.1+cu130` are the same torch: the build variant does not change what an
+    export means)."""
+    return a is not None and b is not None and a.split("+")[0] == b.split("+")[0]
+
+
+def warn_on_version_drift(card: dict[str, Any] | None) -> None:
+    import fastai
+    import torch
+
+    trained = (card or {}).get("versions") or {}
+    if trained and not (same_release(trained.get("fastai"), fastai.__version__)
+                        and same_release(trained.get("torch"), torch.__version__)):
+        log.warning("model was trained with different versions than installed (%s); "
+                    "pin the same versions if predictions look wrong", _version_hint(card))
+
+
+def load_learner_from(file: ModelFile) -> LoadedModel:
+    """Unpickle the learner (slow: imports torch and fastai) and read its class vocabulary."""
+    learn = load_learner_checked(file.path, file.card)
+    warn_on_version_drift(file.card)
+    vocab = [str(label) for label in getattr(learn.dls, "vocab", [])]
+    if not vocab:
+        raise ModelLoadError(f"{file.path} has no class vocabulary: only classifiers can be served")
+    return LoadedModel(file, learn, vocab)

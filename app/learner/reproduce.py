@@ -1,0 +1,103 @@
+"""Reading a learner's inference preprocessing and activation, to be reproduced without fastai.
+
+`fast_preprocess_from` turns the learner's validation-time transforms into an
+`app.core.preprocess.FastPreprocess` (or says why it cannot); `fastai_preprocess` is fastai's own
+pipeline, the fallback; `activation` names the loss function's activation when NumPy reproduces it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from app.core.preprocess import FastPreprocess, ResizeStep, rgb
+from app.core.runner import ACTIVATIONS, Activation, Preprocess, softmax
+
+
+def fast_preprocess_from(learn: Any) -> tuple[FastPreprocess | None, str]:
+    """Read the learner's validation-time transforms; (None, why) if any is not reproducible."""
+    from fastai.vision.all import (
+        AffineCoordTfm,
+        IntToFloatTensor,
+        Normalize,
+        RandomResizedCrop,
+        Resize,
+        ResizeMethod,
+        ToTensor,
+    )
+
+    resize: ResizeStep | None = None
+    divisor, mean, std = 1.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    dl = learn.dls.valid if hasattr(learn.dls, "valid") else learn.dls[0]
+    for tfm in [*dl.after_item.fs, *dl.after_batch.fs]:
+        if getattr(tfm, "split_idx", None) == 0:
+            continue  # training-only augmentation
+        if isinstance(tfm, RandomResizedCrop) and resize is None:
+            resize = ResizeStep("rrc", _size(tfm.size), int(tfm.mode), float(tfm.val_xtra))
+        elif isinstance(tfm, Resize) and resize is None:
+            if tfm.method == ResizeMethod.Pad and str(tfm.pad_mode) != "zeros":
+                return None, f"Resize pad_mode {tfm.pad_mode!r} is not reproduced"
+            kind = {ResizeMethod.Crop: "crop", ResizeMethod.Squish: "squish", ResizeMethod.Pad: "pad"}[tfm.method]
+            resize = ResizeStep(kind, _size(tfm.size), int(tfm.mode))
+        elif isinstance(tfm, ToTensor):
+            continue
+        elif isinstance(tfm, AffineCoordTfm) and tfm.size is None:
+            # aug_transforms' Flip/Rotate/Zoom/Warp resample through an identity matrix outside
+            # training: a no-op (up to float rounding, which the self-check bounds).
+            continue
+        elif isinstance(tfm, IntToFloatTensor):
+            divisor = float(tfm.div)
+        elif isinstance(tfm, Normalize):
+            if tfm.mean is None or tfm.mean.numel() != 3:
+                return None, "Normalize is not per-channel RGB"
+            mean = rgb(tfm.mean.detach().cpu().flatten().tolist())
+            std = rgb(tfm.std.detach().cpu().flatten().tolist())
+        else:
+            return None, f"transform {type(tfm).__name__} applies at inference and is not reproduced"
+    if resize is None:
+        return None, "no Resize or RandomResizedCrop transform: input sizes would vary"
+    return FastPreprocess(resize, divisor, mean, std), ""
+
+
+def _size(size: Any) -> tuple[int, int]:
+    width, height = (int(v) for v in size)
+    return width, height
+
+
+def fastai_preprocess(learn: Any) -> Preprocess:
+    """fastai's own pipeline, used when the fast one cannot reproduce it. Serialised by a lock:
+    fastai transforms keep per-call state (RandomResizedCrop stores sizes on itself)."""
+    lock = threading.Lock()
+
+    def preprocess(img: Image.Image) -> np.ndarray:
+        with lock:
+            dl = learn.dls.test_dl([img], num_workers=0)
+            (batch,) = dl.one_batch()[:1]
+        return batch[0].cpu().numpy().astype(np.float32)
+
+    return preprocess
+
+
+def activation(learn: Any) -> tuple[Activation, Callable[[np.ndarray], np.ndarray]]:
+    """The loss function's activation as learn.predict applies it (softmax for single-label
+    classifiers, sigmoid for multi-label ones), named when NumPy reproduces it, so that a compiled
+    model can be served without torch."""
+    import torch
+
+    act = getattr(learn.loss_func, "activation", None)
+    if act is None:
+        return "softmax", softmax
+
+    def learners_own(logits: np.ndarray) -> np.ndarray:
+        return np.asarray(act(torch.from_numpy(logits)), dtype=np.float32)
+
+    probe = np.random.default_rng(0).normal(0, 4, (4, 5)).astype(np.float32)
+    expected = learners_own(probe)
+    for name, fn in ACTIVATIONS.items():
+        if np.abs(fn(probe) - expected).max() <= 1e-6:
+            return ("softmax" if name == "softmax" else "sigmoid"), fn
+    return "custom", learners_own

@@ -1,0 +1,81 @@
+"""Bytes in, an answer out, under load: admission, decoding on a bounded pool, batching."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from app.core.detector import Detector
+from app.core.model_file import ModelFile
+from app.core.prediction import Outcome, infer_batch, prepare_image
+from app.core.runner import Predictor
+from app.serving.batcher import InferenceWorker, Overloaded
+from app.serving.config import Settings
+from app.serving.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What answers requests: the export it came from, its classes, predictor and detector."""
+
+    file: ModelFile
+    vocab: list[str]
+    predictor: Predictor
+    detector: Detector | None
+
+
+class Classifier:
+    def __init__(self, model: ServedModel, settings: Settings, metrics: Metrics):
+        self.max_pixels = settings.max_pixels
+        self.metrics = metrics
+        self.model = model
+        self._report_model()
+        self.worker = InferenceWorker(self._infer, settings.max_batch, settings.queue_size, metrics.observe_batch)
+        # Decoding is CPU work too: as many threads as cores, no more, so a burst of 12 MP photos
+        # cannot hold dozens of decoded images in memory at once.
+        self._decode_pool = ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="decode")
+        metrics.in_service.set_function(lambda: self.worker.in_service)
+
+    def use(self, predictor: Predictor, vocab: list[str]) -> None:
+        """Serve with this predictor from now on (start-up may replace the first one)."""
+        self.model = dataclasses.replace(self.model, predictor=predictor, vocab=vocab)
+        self._report_model()
+
+    def _report_model(self) -> None:
+        model = self.model
+        self.metrics.model.info({"file": model.file.path.name, "sha256": model.file.sha256,
+                                 "backend": model.predictor.backend, "classes": ",".join(model.vocab)})
+
+    def _infer(self, batch: np.ndarray) -> list[Outcome]:
+        return infer_batch(self.model.predictor, self.model.detector, batch)
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self._decode_pool.shutdown(wait=True, cancel_futures=True)
+
+    def prepare(self, data: bytes) -> np.ndarray:
+        return prepare_image(data, self.model.predictor, self.max_pixels)
+
+    async def classify(self, read: Callable[[], Awaitable[bytes]]) -> dict[str, Any]:
+        """Classify the image that `read` returns. Reading (a fetch of up to MAX_UPLOAD_MB) happens
+        inside the admission limit, so overload bounds memory as well as queueing. Raises
+        `Overloaded`, `ImageError`, or whatever `read` raises."""
+        try:
+            with self.worker.admission():
+                data = await read()
+                loop = asyncio.get_running_loop()
+                array = await loop.run_in_executor(self._decode_pool, self.prepare, data)
+                outcome = await self.worker.predict(array)
+        except Overloaded:
+            self.metrics.rejected.inc()
+            raise
+        return outcome.to_json(self.model.vocab)

@@ -1,0 +1,189 @@
+"""The service's route handlers: thin, each a few lines over the classifier and the fetcher.
+
+Their docstrings are the OpenAPI description (`/openapi.json`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from dataclasses import dataclass
+
+import aiohttp
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.schemas import SchemaGenerator
+
+from app.core.images import ImageError
+from app.serving.classifier import Classifier
+from app.serving.config import Settings
+from app.serving.fetch import AddressPolicy, FetchError, fetch_image_bytes, parse_url
+from app.serving.startup import Serving
+from app.web import STATIC_DIR, ApiError
+
+
+@dataclass
+class Runtime:
+    """What the lifespan builds and the handlers use."""
+
+    settings: Settings
+    policy: AddressPolicy
+    session: aiohttp.ClientSession
+    serving: Serving | None = None
+
+
+def runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def ready_serving(request: Request) -> Serving:
+    rt = request.app.state.runtime
+    serving = rt.serving if rt is not None else None
+    if serving is None or not request.app.state.ready:
+        raise ApiError(503, "not_ready", "The model is not loaded yet; try again shortly.", {"Retry-After": "5"})
+    return serving
+
+
+def ready_classifier(request: Request) -> Classifier:
+    return ready_serving(request).classifier
+
+
+async def healthz(request: Request) -> JSONResponse:
+    """
+    responses:
+      200:
+        description: The process is running.
+    """
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> JSONResponse:
+    """
+    responses:
+      200:
+        description: The model is loaded and requests are being served.
+      503:
+        description: Starting up or shutting down.
+    """
+    ready_serving(request)
+    return JSONResponse({"status": "ready"})
+
+
+async def model_info(request: Request) -> JSONResponse:
+    """
+    responses:
+      200:
+        description: Classes in vocab order, the model file's sha256, how it is served, whether the
+          learner behind it is loaded yet (a restart serves a checked compiled model first), its
+          unfamiliar-image detector (method, threshold, validation false-flag rate; null if it has
+          none), and its model card.
+      503:
+        description: The model is not loaded yet.
+    """
+    serving = ready_serving(request)
+    model = serving.classifier.model
+    return JSONResponse({
+        "classes": model.vocab,
+        "file": model.file.path.name,
+        "sha256": model.file.sha256,
+        "backend": model.predictor.backend,
+        "preprocessing": model.predictor.preprocessing,
+        "learner": serving.learner_status(),
+        "detector": model.detector.describe() if model.detector else None,
+        "card": model.file.card,
+    })
+
+
+async def classify_url(request: Request) -> JSONResponse:
+    """
+    parameters:
+      - name: url
+        in: query
+        required: true
+        description: http(s) address of a JPEG, PNG, WebP, GIF or HEIC image.
+        schema:
+          type: string
+    responses:
+      200:
+        description: '{"predictions": [[label, probability], ...]}, every class, highest first; with
+          "unfamiliar": true|false when the model has an unfamiliar-image detector (true: the photo
+          looks like none of the training photos, so no class should be trusted).'
+      400:
+        description: Missing or malformed URL.
+      403:
+        description: The URL points at a private, loopback or otherwise non-public address.
+      413:
+        description: The image is too large.
+      502:
+        description: The remote server failed or did not send an image.
+      503:
+        description: Not ready, or too busy (see Retry-After).
+      504:
+        description: The remote server timed out.
+    """
+    url = parse_url(request.query_params.get("url"))
+    classifier = ready_classifier(request)
+    rt = runtime(request)
+
+    def fetch() -> Awaitable[bytes]:
+        return fetch_image_bytes(rt.session, url, rt.policy, rt.settings.max_upload_bytes, rt.settings.fetch_timeout_s)
+
+    try:
+        result = await classifier.classify(fetch)
+    except ImageError as exc:
+        if exc.code == "unsupported_image":  # the remote server's fault, not the client's
+            message = f"The URL did not return an image we can read. {exc.message}"
+            raise FetchError("remote_not_image", message) from None
+        raise
+    return JSONResponse(result)
+
+
+async def upload(request: Request) -> JSONResponse:
+    """
+    requestBody:
+      required: true
+      content:
+        multipart/form-data:
+          schema:
+            type: object
+            required: [file]
+            properties:
+              file:
+                type: string
+                format: binary
+    responses:
+      200:
+        description: '{"predictions": [[label, probability], ...]}, every class, highest first; with
+          "unfamiliar": true|false when the model has an unfamiliar-image detector (true: the photo
+          looks like none of the training photos, so no class should be trusted).'
+      400:
+        description: Not multipart, or no field named file.
+      413:
+        description: The upload or the image is too large.
+      415:
+        description: Not an image we can decode.
+      503:
+        description: Not ready, or too busy (see Retry-After).
+    """
+    classifier = ready_classifier(request)
+    async with request.form(max_files=1, max_fields=16) as form:
+        file = form.get("file")
+        if not isinstance(file, UploadFile):
+            raise ApiError(400, "missing_file", "Send the photo as a multipart/form-data field named 'file'.")
+        result = await classifier.classify(file.read)
+    return JSONResponse(result)
+
+
+async def index(request: Request) -> Response:
+    return FileResponse(STATIC_DIR / "index.html")
+
+
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+SCHEMAS = SchemaGenerator({"openapi": "3.0.0", "info": {"title": "Cuddle or Not", "version": "1.0.0"}})
+
+
+async def openapi(request: Request) -> JSONResponse:
+    return JSONResponse(SCHEMAS.get_schema(routes=request.app.routes))
