@@ -349,7 +349,7 @@ def detector_ms_per_image(model: Path, batch: int = MAX_BATCH, repeat: int = 200
     features = np.random.default_rng(0).standard_normal((batch, detector.reference.shape[1])).astype(np.float32)
     t0 = time.perf_counter()
     for _ in range(repeat):
-        detector.unfamiliar(features)
+        detector.unfamiliar(features, np.zeros(batch, dtype=int))
     return (time.perf_counter() - t0) / repeat / batch * 1000
 
 

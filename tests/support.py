@@ -137,21 +137,30 @@ class LocalHTTPServer:
 # --- A real server process -----------------------------------------------------------------------
 
 
+def unimportable_env(names: tuple[str, ...]) -> dict[str, str]:
+    """Environment variables that make these packages unimportable in a Python process and its
+    children (tests/unimportable/sitecustomize.py)."""
+    path = os.pathsep.join(p for p in (str(ROOT / "tests" / "unimportable"), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path, "UNIMPORTABLE": ",".join(names)}
+
+
 class AppProcess:
     """`python -m app` (the Docker start command) on a free port, with its log captured."""
 
     def __init__(self, env: dict[str, str], log_path: Path, container: Path | None = None,
-                 without: tuple[str, ...] = ()):
+                 without: tuple[str, ...] = (), python: str = sys.executable):
         """`container`: start as a container with a mounted model folder does: `container` mounted
         read-only (in a mount namespace of its own) and no home folder to write to. `without`:
-        packages made unimportable, as if not installed (tests/without_modules.py)."""
+        packages made unimportable, as if not installed, in the server and its child processes
+        (tests/unimportable/sitecustomize.py). `python`: the interpreter (another virtual
+        environment's)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "THREADS": "2", **env}
-        command = [sys.executable, "-m", "app"]
+        command = [python, "-m", "app"]
         if without:
-            command = [sys.executable, str(ROOT / "tests" / "without_modules.py"), ",".join(without)]
+            full_env.update(unimportable_env(without))
         if container is not None:
             full_env["HOME"] = "/proc/no-home"  # not even root can create anything there
             for name in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR"):

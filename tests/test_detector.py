@@ -27,6 +27,39 @@ NOT_BEARS = ROOT.parent / "shared" / "data" / "not-bears"
 # --- The maths -----------------------------------------------------------------------------------
 
 
+def test_each_predicted_class_gets_its_own_share_of_false_flags():
+    """A class whose photos are far more varied (teddy bears in every setting) no longer takes most
+    of the false flags: each class's threshold keeps 97% of its own validation photos."""
+    rng = np.random.default_rng(1)
+    spread = np.array([1.0, 1.0, 3.0])[:, None, None]  # class 2 is three times as varied
+
+    def varied(n: int) -> np.ndarray:
+        return np.concatenate(np.eye(16)[:3, None] * 10 + spread * rng.normal(0, 1, (3, n, 16)))
+
+    detector = Detector.fit("a" * 64, varied(200), varied(100), labels(100), 3, k=5, keep=0.97)
+    assert detector.class_false_flag_rates == pytest.approx((0.03, 0.03, 0.03), abs=0.011)
+    new = varied(1000)
+    per_class = [detector.unfamiliar(new, labels(1000))[labels(1000) == c].mean() for c in range(3)]
+    one_threshold = detector.scores(new) < detector.threshold
+    one_rule = [one_threshold[labels(1000) == c].mean() for c in range(3)]
+    # One threshold: the varied class takes every false flag; one per class: each takes its share.
+    assert one_rule[0] == one_rule[1] == 0 and one_rule[2] > 0.07
+    assert all(0.01 < rate < 0.08 for rate in per_class), per_class
+    assert detector.describe()["rule"] == "per predicted class"
+
+
+def test_a_detector_of_the_first_format_still_loads_with_one_threshold(tmp_path):
+    rng = np.random.default_rng(0)
+    old = Detector("a" * 64, l2_normalised(clusters(rng, 10)), 5, 0.5, 0.03, 30)
+    old.save(tmp_path / "old.npz")
+    archive = dict(np.load(tmp_path / "old.npz"))
+    meta = {k: v for k, v in json.loads(str(archive["meta"])).items() if not k.startswith("class_")}
+    np.savez(tmp_path / "old.npz", reference=archive["reference"], meta=np.array(json.dumps({**meta, "format": 1})))
+    loaded = Detector.load(tmp_path / "old.npz", "a" * 64)
+    assert loaded.class_thresholds == () and loaded.describe()["rule"] == "one for every class"
+    assert loaded.unfamiliar(np.eye(16)[7:9] * 10, np.array([0, 2])).all()
+
+
 def test_knn_similarity_is_sklearns_cosine_neighbour():
     from sklearn.neighbors import NearestNeighbors
 
@@ -38,10 +71,15 @@ def test_knn_similarity_is_sklearns_cosine_neighbour():
         assert np.allclose(ours, 1 - distances[:, -1], atol=1e-6)
 
 
-def test_threshold_keeps_the_asked_share():
+def test_threshold_bounds_the_share_of_new_photos_flagged():
     scores = np.arange(100, dtype=np.float32) / 100
     threshold = threshold_keeping(scores, keep=0.97)
-    assert np.mean(scores < threshold) == pytest.approx(0.03)
+    # The 3rd lowest of 100: a new score ranks below it with probability 3/101 <= 3%.
+    assert threshold == scores[2] and np.mean(scores < threshold) == pytest.approx(0.02)
+    new = np.random.default_rng(0).random((2000, 100)).astype(np.float32)  # 2000 draws of 100 scores + 1 new
+    rates = [float(row[-1] < threshold_keeping(row[:-1], 0.97)) for row in new]
+    assert np.mean(rates) <= 0.03 + 0.01
+    assert threshold_keeping(scores[:5], keep=0.97) == scores[0]  # a handful: at least the lowest
 
 
 def clusters(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -49,13 +87,18 @@ def clusters(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.concatenate([c + rng.normal(0, 1, (n, 16)) for c in centres])
 
 
+def labels(n: int) -> np.ndarray:
+    """The class of each row of `clusters(rng, n)`."""
+    return np.repeat(np.arange(3), n)
+
+
 def test_detector_flags_what_lies_far_from_every_training_point(tmp_path):
     rng = np.random.default_rng(0)
-    detector = Detector.fit("a" * 64, clusters(rng, 40), clusters(rng, 20), k=5, keep=0.97)
+    detector = Detector.fit("a" * 64, clusters(rng, 40), clusters(rng, 20), labels(20), 3, k=5, keep=0.97)
     assert detector.valid_false_flag_rate <= 0.05
-    assert not detector.unfamiliar(clusters(rng, 10)).mean() > 0.1
+    assert not detector.unfamiliar(clusters(rng, 10), labels(10)).mean() > 0.1
     foreign = np.eye(16)[5:8] * 10 + rng.normal(0, 1, (3, 16))  # other directions entirely
-    assert detector.unfamiliar(foreign).all()
+    assert detector.unfamiliar(foreign, np.arange(3)).all()
 
     path = tmp_path / "export.detector.npz"
     detector.save(path)

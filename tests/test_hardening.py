@@ -310,9 +310,29 @@ def test_openapi_schema_and_schemathesis_against_the_live_server(server):
     assert result.returncode == 0, result.stdout[-4000:]
 
 
-def test_kubernetes_manifest_is_valid():
+@pytest.mark.parametrize("name", ["kubernetes.yaml", "kubernetes-slim.yaml"])
+def test_kubernetes_manifest_is_valid(name):
     result = subprocess.run([str(Path(sys.executable).parent / "kubernetes-validate"), "--strict",
-                             "deploy/kubernetes.yaml"], cwd=ROOT, capture_output=True, text=True)
+                             f"deploy/{name}"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    manifest = (ROOT / "deploy" / "kubernetes.yaml").read_text()
+    manifest = (ROOT / "deploy" / name).read_text()
     assert "path: /readyz" in manifest and "path: /healthz" in manifest and "HorizontalPodAutoscaler" in manifest
+
+
+def test_uploads_that_trickle_are_let_go_at_the_body_deadline_while_others_are_served(tiny_export, tmp_path):
+    """200 uploads sending a byte a second: each gets 408 and a closed connection once
+    BODY_TIMEOUT_S has passed, while health checks and real uploads are answered meanwhile."""
+    import asyncio
+
+    from bench.slow_clients import measure
+
+    app = AppProcess({"MODEL_PATH": str(tiny_export), "BODY_TIMEOUT_S": "3"}, tmp_path / "server.log").wait_ready()
+    try:
+        photo = image_bytes(synthetic_image((200, 40, 40), size=(64, 48)))
+        out = asyncio.run(measure(app.port, 200, photo, probe_seconds=2.0))
+    finally:
+        app.stop()
+    results = out["results"]
+    assert [r.status for r in results] == [408] * 200 and all(r.closed for r in results)
+    assert all(2.5 < r.seconds < 15 for r in results), sorted(r.seconds for r in results)[::40]
+    assert len(out["health"]) >= 3 and len(out["uploads"]) >= 3  # all answered 200 while the 200 were held

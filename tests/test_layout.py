@@ -24,7 +24,7 @@ ALLOWED = {
     "app.building": {"app.core", "app.learner", "app.web", "app.arch"},
     "app.arch": set(),
 }
-ENTRY_MODULES = {"app", "app.__main__", "app.train", "app.clean", "app.evaluate"}
+ENTRY_MODULES = {"app", "app.__main__", "app.train", "app.clean", "app.evaluate", "app.compile"}
 # app.arch registers backbones with fastai when imported (so it imports torch and fastai): it is
 # imported where a backbone is needed, as the heavy library it wraps, and nowhere else lazily.
 LAZY_ALLOWED = {"app.arch"}

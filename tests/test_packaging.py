@@ -44,15 +44,30 @@ def test_build_time_check_passes_on_the_default_model_and_fails_on_a_broken_one(
 
 
 def test_every_requirement_is_pinned():
-    for name in ("requirements.txt", "requirements-dev.txt"):
+    for name in ("requirements-serve.txt", "requirements.txt", "requirements-dev.txt"):
         for line in (ROOT / name).read_text().splitlines():
             line = line.split("#")[0].strip()
             if line and not line.startswith("-r"):
                 assert re.fullmatch(r"[A-Za-z0-9_.\[\]-]+==[0-9][0-9A-Za-z.+-]*", line), f"{name}: {line}"
+    serve = (ROOT / "requirements-serve.txt").read_text()
     runtime = (ROOT / "requirements.txt").read_text()
-    for package in ("starlette", "uvicorn", "aiohttp", "fastai", "torch==2.14.1", "torchvision==0.29.1", "pillow",
-                    "python-multipart", "onnxruntime"):
-        assert package in runtime
+    assert "-r requirements-serve.txt" in runtime
+    for package in ("starlette", "uvicorn", "aiohttp", "pillow", "python-multipart", "onnxruntime"):
+        assert package in serve
+    pinned_to_serve = {line.split("==")[0] for line in serve.splitlines() if "==" in line and not line.startswith("#")}
+    for package in ("fastai", "torch==2.14.1", "torchvision==0.29.1"):
+        assert package in runtime and package.split("=")[0] not in pinned_to_serve
+
+
+def test_dockerfile_has_a_slim_target_without_torch_and_the_full_one_by_default():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM (\S+) AS (\S+)", dockerfile, re.M)
+    assert [name for _, name in stages] == ["full-runtime", "bundle", "slim", "full"]  # full is the default
+    slim = dockerfile.split("AS slim")[1].split("AS full")[0]
+    assert "requirements-serve.txt" in slim and "requirements.txt" not in slim.replace("requirements-serve.txt", "")
+    assert "COPY --from=bundle /bundle" in slim and "MODEL_PATH=/srv/models/bundle" in slim
+    assert "RUN python -m app --check" in slim and re.search(r"^USER 10001", slim, re.M)
+    assert "python -m app.compile models/export.pkl --out /bundle" in dockerfile
 
 
 def test_zeit_config_is_a_docker_deployment():

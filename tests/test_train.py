@@ -198,7 +198,7 @@ def test_options_are_never_abbreviated_and_help_shows_every_default():
     assert result.returncode == 2 and "unrecognized arguments: --epoch" in result.stderr
     help_text = " ".join(train_cli("--help").stdout.split())
     for shown in ("--out OUT where the export, detector and card go (default: trained)",
-                  "--freeze-epochs FREEZE_EPOCHS epochs training the head only (default: 8)",
+                  "--freeze-epochs FREEZE_EPOCHS with --head trained: epochs training the head only (default: 8)",
                   "offline for efficientnet_lite0, efficientnet_lite1, efficientnet_lite2"):
         assert shown in help_text, shown
     for command in ("app.clean", "app.evaluate"):

@@ -17,14 +17,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from app.building.bundle import compile_bundle
 from app.building.calibration import Calibration, calibrate, fold_temperature
 from app.building.measure import Outputs, confusion_matrix, predict_files, unfamiliar_rates
 from app.core.detector import Detector, detector_path
 from app.core.files import sha256_file
+from app.core.model_file import ModelLoadError
 from app.learner.compile import build_predictor
 from app.learner.features import with_features
 
 EXPORT_NAME = "export.pkl"
+BUNDLE_NAME = "bundle"
 CARD_NAME = "model-card.json"
 PLOTS = ("confusion-matrix.png", "top-losses.png")
 
@@ -78,7 +81,8 @@ def finish(learn: Any, train_files: list[Path], valid_files: list[Path], out: Pa
     detector = None
     if has_features and valid.features is not None:
         reference = predict_files(predictor, None, train_files).features
-        detector = Detector.fit(sha256_file(export_path), reference, valid.features, k, keep)
+        detector = Detector.fit(sha256_file(export_path), reference, valid.features, valid.probs.argmax(axis=1),
+                                len(vocab), k, keep)
         detector.save(detector_path(export_path))
     else:
         detector_path(export_path).unlink(missing_ok=True)
@@ -153,9 +157,11 @@ def model_card(done: Finished, learn: Any, args: argparse.Namespace, counts: Cou
         "images_per_class": dict(sorted(counts.items())),
         "train_images": train_images,
         "valid_images": len(done.targets),
-        "epochs": {"frozen": args.freeze_epochs, "unfrozen": args.epochs},
-        "learning_rate": args.lr,
-        "label_smoothing": args.label_smoothing,
+        "head": {"kind": args.head, **(args.head_fit or {})},
+        "epochs": ({"frozen": args.freeze_epochs, "unfrozen": args.epochs} if args.head == "trained"
+                   else None),
+        "learning_rate": args.lr if args.head == "trained" else None,
+        "label_smoothing": args.label_smoothing if args.head == "trained" else None,
         "seed": args.seed,
         "valid_pct": args.valid_pct,
         "valid_accuracy": round(done.accuracy, 4),
@@ -175,10 +181,16 @@ def model_card(done: Finished, learn: Any, args: argparse.Namespace, counts: Cou
 
 
 def complete(learn: Any, train_files: list[Path], valid_files: list[Path], seconds: float, args: argparse.Namespace,
-             counts: Counter, argv: list[str]) -> dict[str, Any]:
-    """Everything after the training loop: calibration, export, detector, plots and model card."""
+             counts: Counter, argv: list[str]) -> tuple[dict[str, Any], str | None]:
+    """Everything after the training loop: calibration, export, detector, plots, model card and
+    bundle. Returns the card, and why no bundle was made (None when one was)."""
     done = finish(learn, train_files, valid_files, args.out, args.detector_k, args.detector_keep, args.unfamiliar)
     save_plots(done, args.out)
     card = model_card(done, learn, args, counts, len(train_files), seconds, argv)
     (args.out / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
-    return card
+    # The checked bundle, to serve without torch: its parity is measured on the validation photos.
+    try:
+        compile_bundle(done.export_path, args.out / BUNDLE_NAME, valid_files, os.cpu_count() or 1)
+    except ModelLoadError as exc:
+        return card, str(exc)
+    return card, None

@@ -68,7 +68,9 @@ def predict_files(predictor: Predictor, detector: Detector | None, files: Iterab
     if not kept:
         raise UsageError("none of the photos could be decoded")
     probs, all_features = outputs
-    flags = detector.unfamiliar(all_features) if detector is not None and all_features is not None else None
+    flags = None
+    if detector is not None and all_features is not None:
+        flags = detector.unfamiliar(all_features, probs.argmax(axis=1))
     return Outputs(kept, probs, all_features, flags, failed)
 
 

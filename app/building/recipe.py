@@ -42,9 +42,14 @@ def make_dataloaders(data: Path, files: list[Path], size: int, bs: int, seed: in
     )
 
 
+HEADS = ("linear", "trained")
+
+
 def new_learner(dls: Any, arch: Callable[..., Any], pretrained: bool, label_smoothing: float = 0.0,
-                hidden: list[int] | None = None) -> Any:
-    """The lesson's `vision_learner`, set up the way that measured best on the bears."""
+                head: str = "trained") -> Any:
+    """The lesson's `vision_learner`, set up the way that measured best on the bears. `head`:
+    "trained", fastai's own (pooling, two Linear layers with BatchNorm and dropout) for gradient
+    descent; "linear", fastai's pooling and one Linear, whose weights `linear_head` fits."""
     import torch
     from fastai.vision.all import (
         BnFreeze,
@@ -63,8 +68,9 @@ def new_learner(dls: Any, arch: Callable[..., Any], pretrained: bool, label_smoo
     loss = LabelSmoothingCrossEntropyFlat(eps=label_smoothing) if label_smoothing else CrossEntropyLossFlat()
     # BnFreeze: a frozen layer's BatchNorm statistics stay ImageNet's too, instead of drifting
     # towards augmented batches of a few hundred photos (README, "The default model").
+    shape = {"lin_ftrs": [], "ps": 0.0, "first_bn": False} if head == "linear" else {}
     learn = vision_learner(dls, arch, loss_func=loss, metrics=[accuracy, error_rate], pretrained=pretrained,
-                           train_bn=False, cbs=[BnFreeze()], lin_ftrs=hidden)
+                           train_bn=False, cbs=[BnFreeze()], **shape)
     # Depthwise convolutions run ~25% faster on CPU in channels-last layout.
     learn.model.to(memory_format=torch.channels_last)
     return learn

@@ -4,8 +4,10 @@ A classifier always answers with one of its classes, so a photo of a child, a ca
 coffee would get "teddys" or "grizzly", often with high confidence. The detector works on the
 model's own features (the pooled body features that fastai's head takes as input, from the same
 forward pass that gives the logits): a photo is *unfamiliar* when its cosine similarity to its k-th
-nearest training image is below a threshold. The threshold is set on the validation split only, so
-that a chosen share of real validation photos (97% by default) are still called familiar.
+nearest training image is below the threshold of the class the model predicts for it. Each class's
+threshold is set on the validation photos predicted as that class only, so that a chosen share of
+them (97% by default) are still called familiar: a class whose photos are more varied (teddy bears
+in every setting) gets a lower threshold instead of taking most of the false flags.
 
 `python -m app.train` fits one for every model it makes and saves it next to the export
 (`<export stem>.detector.npz`), bound to the export's sha256: a detector is never paired with
@@ -27,11 +29,14 @@ from app.core.model_file import ModelFile, ModelLoadError
 
 METHOD = "knn-cosine"
 FEATURE = "pooled"  # the input of fastai's head: the concatenated average- and max-pooled body output
-FORMAT = 1
+FORMAT = 2  # 1: one threshold for every class (still read)
 # Compare with the k-th nearest training photo, and keep this share of validation photos familiar:
 # how they were chosen is in the README ("Unfamiliar photos") and the model card.
 DEFAULT_K = 5
 DEFAULT_KEEP = 0.97
+# A class with fewer validation photos predicted as it than this gets the overall threshold: below
+# about 1 / (1 - keep) photos no quantile of them bounds the rate on new photos.
+MIN_CLASS_PHOTOS = 40
 
 
 class DetectorError(ValueError):
@@ -53,10 +58,21 @@ def knn_similarity(reference: np.ndarray, queries: np.ndarray, k: int) -> np.nda
 
 
 def threshold_keeping(scores: np.ndarray, keep: float) -> float:
-    """The threshold that leaves at least a share `keep` of `scores` at or above it: the lowest
-    `floor((1 - keep) * n)` scores fall below it (lower scores are less familiar)."""
+    """The threshold below which a new score, exchangeable with these, falls with probability at
+    most `1 - keep`: the m-th lowest score, m = floor((1 - keep)(n + 1)) (the split-conformal
+    quantile; a new score ranks anywhere among the n + 1 with equal chance), and at least the
+    lowest. The m - 1 lowest of `scores` fall below it (lower scores are less familiar)."""
     ordered = np.sort(np.asarray(scores, dtype=np.float32))
-    return float(ordered[min(len(ordered) - 1, int(np.floor((1.0 - keep) * len(ordered) + 1e-9)))])
+    m = max(1, int(np.floor((1.0 - keep) * (len(ordered) + 1) + 1e-9)))
+    return float(ordered[min(len(ordered), m) - 1])
+
+
+def class_thresholds(scores: np.ndarray, predicted: np.ndarray, n_classes: int, keep: float,
+                     fallback: float) -> tuple[float, ...]:
+    """For each class, the threshold keeping `keep` of the scores of photos predicted as it, or
+    `fallback` when fewer than MIN_CLASS_PHOTOS were."""
+    return tuple(threshold_keeping(scores[predicted == c], keep) if (predicted == c).sum() >= MIN_CLASS_PHOTOS
+                 else fallback for c in range(n_classes))
 
 
 @dataclass(frozen=True)
@@ -64,36 +80,55 @@ class Detector:
     export_sha256: str
     reference: np.ndarray = field(repr=False)  # L2-normalised features of the training images
     k: int
-    threshold: float  # similarity below this: unfamiliar
+    threshold: float  # similarity below this: unfamiliar (the overall one; see class_thresholds)
     valid_false_flag_rate: float  # share of the validation split's real photos called unfamiliar
     valid_images: int
     method: str = METHOD
     feature: str = FEATURE
+    # One threshold per class the model predicts (vocab order), and the share of the validation
+    # photos predicted as each that it flags; empty: `threshold` for every class (format 1).
+    class_thresholds: tuple[float, ...] = ()
+    class_false_flag_rates: tuple[float, ...] = ()
 
     @classmethod
-    def fit(cls, export_sha256: str, train_features: np.ndarray, valid_features: np.ndarray, k: int = DEFAULT_K,
-            keep: float = DEFAULT_KEEP) -> Detector:
-        """A detector on these training features, its threshold set to keep `keep` of the validation
-        photos familiar. Validation photos are never in the reference set, so their scores are what
-        a new real photo would get."""
+    def fit(cls, export_sha256: str, train_features: np.ndarray, valid_features: np.ndarray,
+            valid_predicted: np.ndarray, n_classes: int, k: int = DEFAULT_K, keep: float = DEFAULT_KEEP) -> Detector:
+        """A detector on these training features, each class's threshold set to keep `keep` of the
+        validation photos predicted as that class familiar. Validation photos are never in the
+        reference set, so their scores are what a new real photo would get."""
         reference = l2_normalised(train_features)
         valid_scores = knn_similarity(reference, l2_normalised(valid_features), k)
-        threshold = threshold_keeping(valid_scores, keep)
-        flagged = float(np.mean(valid_scores < threshold))
-        return cls(export_sha256, reference, k, threshold, flagged, len(valid_scores))
+        overall = threshold_keeping(valid_scores, keep)
+        thresholds = class_thresholds(valid_scores, valid_predicted, n_classes, keep, overall)
+        flagged = valid_scores < np.asarray(thresholds, np.float32)[valid_predicted]
+        rates = tuple(float(flagged[valid_predicted == c].mean()) if (valid_predicted == c).any() else 0.0
+                      for c in range(n_classes))
+        return cls(export_sha256, reference, k, overall, float(flagged.mean()), len(valid_scores),
+                   class_thresholds=thresholds, class_false_flag_rates=rates)
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         """Higher is more familiar."""
         return knn_similarity(self.reference, l2_normalised(features), self.k)
 
-    def unfamiliar(self, features: np.ndarray) -> np.ndarray:
-        return self.scores(features) < np.float32(self.threshold)
+    def unfamiliar(self, features: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+        """Whether each photo is unlike the training photos, given the class predicted for it."""
+        if self.class_thresholds:
+            limits = np.asarray(self.class_thresholds, np.float32)[np.asarray(predicted)]
+        else:
+            limits = np.float32(self.threshold)
+        return self.scores(features) < limits
 
     def describe(self) -> dict[str, Any]:
         """What `/model` and the model card say about the detector."""
-        return {"method": self.method, "feature": self.feature, "k": self.k, "threshold": round(self.threshold, 6),
-                "valid_false_flag_rate": round(self.valid_false_flag_rate, 4), "valid_images": self.valid_images,
-                "reference_images": int(self.reference.shape[0])}
+        info: dict[str, Any] = {
+            "method": self.method, "feature": self.feature, "k": self.k, "threshold": round(self.threshold, 6),
+            "valid_false_flag_rate": round(self.valid_false_flag_rate, 4), "valid_images": self.valid_images,
+            "reference_images": int(self.reference.shape[0]),
+            "rule": "per predicted class" if self.class_thresholds else "one for every class"}
+        if self.class_thresholds:
+            info["class_thresholds"] = [round(t, 6) for t in self.class_thresholds]
+            info["class_valid_false_flag_rates"] = [round(r, 4) for r in self.class_false_flag_rates]
+        return info
 
     def save(self, path: Path) -> None:
         meta = {key: value for key, value in asdict(self).items() if key != "reference"}
@@ -110,15 +145,16 @@ class Detector:
             with np.load(path, allow_pickle=False) as archive:
                 meta = json.loads(str(archive["meta"]))
                 reference = archive["reference"].astype(np.float32)
-            if meta.pop("format") != FORMAT or meta.get("method") != METHOD:
+            if meta.pop("format") not in (1, FORMAT) or meta.get("method") != METHOD:
                 raise DetectorError(f"{path.name} is of another format or method")
+            for name in ("class_thresholds", "class_false_flag_rates"):
+                meta[name] = tuple(meta.get(name, ()))
             detector = cls(reference=reference, **meta)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DetectorError(f"{path.name} is not a readable detector ({exc})") from None
         if detector.export_sha256 != export_sha256:
             raise DetectorError(f"{path.name} was made for another export (sha256 {detector.export_sha256[:12]}, "
-                                f"not {export_sha256[:12]}): retrain with python -m app.train, or remove it "
-                                "to serve without an unfamiliar-image detector")
+                                f"not {export_sha256[:12]})")
         return detector
 
 
@@ -147,4 +183,5 @@ def load_detector(file: ModelFile) -> Detector | None:
     try:
         return Detector.load(path, file.sha256)
     except DetectorError as exc:
-        raise ModelLoadError(str(exc)) from None
+        raise ModelLoadError(f"{exc}: retrain with python -m app.train, or remove it to serve without an "
+                             "unfamiliar-image detector") from None

@@ -58,7 +58,8 @@ def _missing(path: Path) -> ModelLoadError:
     if path.is_dir():
         inside = path / "export.pkl"
         hint = f"set MODEL_PATH to {inside}" if inside.is_file() else "set MODEL_PATH to the export.pkl file itself"
-        return ModelLoadError(f"model path {path} is a folder, not a model file: {hint}")
+        return ModelLoadError(f"model path {path} is a folder, not a model file (nor a bundle: it has no "
+                              f"manifest.json): {hint}")
     return ModelLoadError(
         f"model file {path} not found: train one with `python -m app.train DATA`, "
         "or set MODEL_PATH to an export.pkl (or MODEL_URL to download one)"

@@ -46,5 +46,5 @@ def infer_batch(predictor: Predictor, detector: Detector | None, batch: np.ndarr
     probs, features = predictor.infer(batch)
     if detector is None or features is None:
         return [Outcome(row) for row in probs]
-    flags = detector.unfamiliar(features)
+    flags = detector.unfamiliar(features, probs.argmax(axis=1))
     return [Outcome(row, bool(flag)) for row, flag in zip(probs, flags, strict=True)]

@@ -74,10 +74,11 @@ def sample_image() -> Image.Image:
 
 
 def build_predictor(learn: Any, threads: int, backend: BackendChoice = "auto", with_features: bool = False,
-                    onnx_path: Path | None = None) -> Predictor:
+                    onnx_path: Path | None = None, require_file: bool = False) -> Predictor:
     """The fastest predictor that gives the same answers as the learner (and, `with_features`, the
     same pooled features from the same forward pass, for the unfamiliar-image detector). The
-    compiled model is kept at `onnx_path` (None: a temporary file for this process only)."""
+    compiled model is kept at `onnx_path` (None: a temporary file for this process only); with
+    `require_file`, an `OSError` writing it is raised instead of compiling for this process only."""
     import torch
 
     torch.set_num_threads(threads)
@@ -107,12 +108,14 @@ def build_predictor(learn: Any, threads: int, backend: BackendChoice = "auto", w
     run, used, kept_at = torch_run, "torch", None
     if backend in ("auto", "onnx"):
         try:
-            run, kept_at = _onnx_with_cache(model, batch, onnx_path, threads, with_features)
+            run, kept_at = _onnx_with_cache(model, batch, onnx_path, threads, with_features, require_file)
             diff = max(float(np.abs(got - want).max()) for got, want in zip(run(batch), expected, strict=True))
             if diff > ONNX_TOLERANCE:
                 raise ValueError(f"ONNX output differs from torch by {diff:.2g}")
             used = "onnx"
         except Exception as exc:  # any exporter or runtime failure: serve with torch instead
+            if require_file and isinstance(exc, OSError):
+                raise
             if backend == "onnx":
                 raise ModelLoadError(f"INFERENCE_BACKEND=onnx, but the ONNX path is unusable for this model "
                                      f"({type(exc).__name__}: {exc}); use auto or torch") from None
@@ -124,8 +127,8 @@ def build_predictor(learn: Any, threads: int, backend: BackendChoice = "auto", w
                      preprocessing=preprocessing, draft_size=draft, activation=activation_name, onnx_path=kept_at)
 
 
-def _onnx_with_cache(model: Any, batch: np.ndarray, cache: Path | None, threads: int,
-                     with_features: bool) -> tuple[Runner, Path | None]:
+def _onnx_with_cache(model: Any, batch: np.ndarray, cache: Path | None, threads: int, with_features: bool,
+                     require_file: bool) -> tuple[Runner, Path | None]:
     """An ONNX Runtime runner and the file it was loaded from (None if it could not be kept)."""
     if cache is not None and cache.exists():
         try:
@@ -138,7 +141,9 @@ def _onnx_with_cache(model: Any, batch: np.ndarray, cache: Path | None, threads:
             log.info("compiled model to %s", cache)
             return onnx_runner(cache, threads), cache
         except OSError:
-            pass  # a read-only cache folder: compile for this process only, below
+            if require_file:
+                raise
+            # A read-only cache folder: compile for this process only, below.
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         export_onnx(model, batch, path, with_features)

@@ -20,7 +20,7 @@ from app.serving.config import Settings
 from app.serving.errors import EXCEPTION_HANDLERS
 from app.serving.fetch import AddressPolicy, allow_any, make_session, public_only
 from app.serving.metrics import Metrics
-from app.serving.middleware import RequestLog, UploadSizeLimit
+from app.serving.middleware import BodyDeadline, RequestLog, UploadSizeLimit
 from app.serving.routes import Runtime
 from app.serving.startup import LearnerState, start_serving
 from app.web import STATIC_DIR
@@ -50,8 +50,9 @@ def create_app(settings: Settings, policy: AddressPolicy | None = None,
         app.state.runtime.serving = serving
         app.state.ready = True
         model = serving.classifier.model
-        learner = ("learner loading in the background; serving the compiled model checked on an earlier start"
-                   if serving.learner is LearnerState.LOADING else "learner loaded")
+        learner = {LearnerState.LOADING: "learner loading in the background; serving the compiled model checked "
+                                         "on an earlier start",
+                   LearnerState.NOT_USED: "a checked bundle, no learner"}.get(serving.learner, "learner loaded")
         log.info("ready: %s (%s, %s preprocessing, %s) classes=%s", model.file.path, model.predictor.backend,
                  model.predictor.preprocessing, learner, model.vocab)
         try:
@@ -76,6 +77,7 @@ def create_app(settings: Settings, policy: AddressPolicy | None = None,
     middleware = [
         Middleware(RequestLog, metrics=metrics, routes=paths),
         Middleware(UploadSizeLimit, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD),
+        Middleware(BodyDeadline, seconds=settings.body_timeout_s),
     ]
     if settings.cors_origins:  # outside the size limit, so that its 413 carries CORS headers too
         middleware.insert(1, Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),

@@ -60,6 +60,9 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     max_pixels: int = MAX_PIXELS
     shutdown_timeout_s: float = 20
+    # A request body that has not fully arrived this long after the request began gets 408 and
+    # its connection closed: a slow client cannot hold a connection open (README, Slow clients).
+    body_timeout_s: float = 60
 
     @property
     def max_upload_bytes(self) -> int:
@@ -109,4 +112,5 @@ class Settings:
             backend=cast(BackendChoice, backend),
             cors_origins=origins,
             shutdown_timeout_s=number("SHUTDOWN_TIMEOUT_S", defaults.shutdown_timeout_s, float, 0),
+            body_timeout_s=number("BODY_TIMEOUT_S", defaults.body_timeout_s, float, 0.1),
         )

@@ -36,9 +36,19 @@ class BodyTooLarge(Exception):
     """A request body grew past the upload limit while it streamed in (`UploadSizeLimit`)."""
 
 
+class BodyTimeout(Exception):
+    """A request body did not arrive within BODY_TIMEOUT_S (`BodyDeadline`)."""
+
+
 async def on_body_too_large(request: Request, exc: Exception) -> Response:
     limit = request.app.state.settings.max_upload_mb
     return error_response(413, "upload_too_large", f"The upload is larger than {limit:g} MB.", {"Connection": "close"})
+
+
+async def on_body_timeout(request: Request, exc: Exception) -> Response:
+    limit = request.app.state.settings.body_timeout_s
+    return error_response(408, "request_timeout", f"The request body did not arrive within {limit:g} s.",
+                          {"Connection": "close"})
 
 
 async def on_client_disconnect(request: Request, exc: Exception) -> Response:
@@ -55,6 +65,7 @@ EXCEPTION_HANDLERS: dict[type[Exception], Handler] = {
     ApiError: on_api_error,
     HTTPException: on_http_exception,
     BodyTooLarge: on_body_too_large,
+    BodyTimeout: on_body_timeout,
     ClientDisconnect: on_client_disconnect,
     Exception: on_unexpected,
 }

@@ -1,5 +1,6 @@
-"""The middleware every request passes through: the upload size limit (streamed, with a bounded
-lingering drain so clients can read their 413) and the request log with its metrics."""
+"""The middleware every request passes through: the request log with its metrics, the upload size
+limit (streamed, with a bounded lingering drain so clients can read their 413) and the deadline
+for a request body to arrive."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import uuid
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.serving.errors import BodyTooLarge
+from app.serving.errors import BodyTimeout, BodyTooLarge
 from app.serving.metrics import Metrics
 from app.web import error_response
 
@@ -101,6 +102,37 @@ class UploadSizeLimit:
             received += len(message.get("body", b""))
             if not message.get("more_body", False):
                 return
+
+
+class BodyDeadline:
+    """A request body must have arrived within `seconds` of the request's start: past that, reading
+    it raises `BodyTimeout` (408, connection closed). No other server timeout applies to a body
+    still arriving, so without this a thousand clients trickling a byte a second would hold a
+    thousand connections and their buffers for as long as they liked."""
+
+    def __init__(self, app: ASGIApp, seconds: float):
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.seconds
+        complete = False
+
+        async def receive_in_time() -> Message:
+            nonlocal complete
+            if complete:
+                return await receive()  # the body is in; what follows is a disconnect, whenever it comes
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise BodyTimeout() from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, receive_in_time, send)
 
 
 class RequestLog:

@@ -73,10 +73,12 @@ async def model_info(request: Request) -> JSONResponse:
     """
     responses:
       200:
-        description: Classes in vocab order, the model file's sha256, how it is served, whether the
-          learner behind it is loaded yet (a restart serves a checked compiled model first), its
-          unfamiliar-image detector (method, threshold, validation false-flag rate; null if it has
-          none), and its model card.
+        description: Classes in vocab order, the model file's sha256 (for a bundle, its source
+          export's), how it is served, whether the learner behind it is loaded yet (a restart serves
+          a checked compiled model first; "not used" for a bundle), the bundle (its source export,
+          versions and parity evidence; null when an export is served), its unfamiliar-image
+          detector (method, threshold, validation false-flag rate; null if it has none), and its
+          model card.
       503:
         description: The model is not loaded yet.
     """
@@ -89,6 +91,7 @@ async def model_info(request: Request) -> JSONResponse:
         "backend": model.predictor.backend,
         "preprocessing": model.predictor.preprocessing,
         "learner": serving.learner_status(),
+        "bundle": serving.bundle.describe() if serving.bundle else None,
         "detector": model.detector.describe() if model.detector else None,
         "card": model.file.card,
     })
