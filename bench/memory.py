@@ -38,7 +38,8 @@ def serve(env: dict[str, str], without_heavy: bool) -> tuple[subprocess.Popen, s
     if without_heavy:
         env = {**env, **unimportable_env(HEAVY)}
     t0 = time.perf_counter()
-    env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), **env}
+    # MALLOC_ARENA_MAX as both Docker images set it.
+    env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "MALLOC_ARENA_MAX": "2", **env}
     proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"

@@ -145,8 +145,10 @@ def model_card(done: Finished, learn: Any, args: argparse.Namespace, counts: Cou
     detector = None
     if done.detector is not None:
         detector = {**done.detector.describe(),
-                    "threshold_rule": f"the {1 - args.detector_keep:.0%} quantile of the validation split's "
-                                      "scores (validation photos only; photos of no class never set it)",
+                    "threshold_rule": f"per predicted class: the split-conformal {1 - args.detector_keep:.0%} quantile "
+                                      "of the scores of the validation photos predicted as that class (the overall "
+                                      "one for a class with fewer than 40); validation photos only, photos of no "
+                                      "class never set it",
                     "unfamiliar_photos": done.unfamiliar}
     return {
         "classes": done.vocab,

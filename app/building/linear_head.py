@@ -19,7 +19,7 @@ import numpy as np
 from app.building.measure import predict_files
 from app.learner.compile import build_predictor
 
-C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+C_GRID = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 FOLDS = 5
 
 
