@@ -78,14 +78,18 @@ def test_overload_is_refused_with_503_and_retry_after_then_recovers(slow_server)
     assert post().status_code == 200  # load gone: served again
 
 
-def run_worker(infer, jobs: int, max_batch: int, capacity: int = 100):
-    worker = InferenceWorker(infer, max_batch=max_batch, capacity=capacity)
+def run_worker(infer, jobs: int, max_batch: int, capacity: int = 100, model_of=lambda i: "model"):
+    """`jobs` requests through a worker whose `infer(batch)` ignores the model (or, when `infer`
+    takes two arguments, gets it); request i is prepared for `model_of(i)`."""
+    two = infer.__code__.co_argcount == 2
+    worker = InferenceWorker(infer if two else (lambda model, batch: infer(batch)), max_batch=max_batch,
+                             capacity=capacity)
     worker.start()
 
     async def main():
         async def one(i):
             with worker.admission():
-                return await worker.predict(np.full((2,), i, np.float32))
+                return await worker.predict(model_of(i), np.full((2,), i, np.float32))
 
         return await asyncio.gather(*(one(i) for i in range(jobs)))
 
@@ -111,6 +115,25 @@ def test_waiting_requests_share_forward_passes_and_get_their_own_rows():
     assert max(sizes) > 1 and all(size <= 4 for size in sizes)  # queued requests were batched
 
 
+def test_requests_prepared_for_two_models_never_share_a_forward_pass():
+    """After a model swap, requests prepared for the old model and the new one may wait together:
+    each goes through the model it was prepared for."""
+    passes = []
+    gate = threading.Event()
+
+    def infer(model, batch):
+        gate.wait(5)
+        passes.append((model, [int(row[0]) for row in batch]))
+        return batch + (100 if model == "new" else 0)
+
+    threading.Timer(0.3, gate.set).start()
+    results = run_worker(infer, jobs=10, max_batch=8, model_of=lambda i: "old" if i < 5 else "new")
+    assert [float(r[0]) for r in results] == [i + (100.0 if i >= 5 else 0.0) for i in range(10)]
+    for model, rows in passes:
+        assert all((i >= 5) == (model == "new") for i in rows), passes
+    assert any(len(rows) > 1 for _, rows in passes)  # still batched
+
+
 def test_an_idle_worker_runs_a_single_request_at_once():
     sizes = []
     t0 = time.monotonic()
@@ -120,7 +143,7 @@ def test_an_idle_worker_runs_a_single_request_at_once():
 
 
 def test_admission_is_bounded():
-    worker = InferenceWorker(lambda b: b, max_batch=1, capacity=2)
+    worker = InferenceWorker(lambda model, b: b, max_batch=1, capacity=2)
     with worker.admission(), worker.admission():
         assert worker.in_service == 2
         with pytest.raises(Overloaded):
@@ -132,7 +155,7 @@ def test_admission_is_bounded():
 def test_a_failing_batch_reports_the_error_and_the_worker_goes_on():
     calls = []
 
-    def infer(batch):
+    def infer(model, batch):
         calls.append(len(batch))
         if len(calls) == 1:
             raise RuntimeError("boom")
@@ -142,8 +165,8 @@ def test_a_failing_batch_reports_the_error_and_the_worker_goes_on():
     worker.start()
     try:
         with pytest.raises(RuntimeError, match="boom"):
-            asyncio.run(worker.predict(np.zeros(1, np.float32)))
-        assert asyncio.run(worker.predict(np.ones(1, np.float32)))[0] == 1
+            asyncio.run(worker.predict("model", np.zeros(1, np.float32)))
+        assert asyncio.run(worker.predict("model", np.ones(1, np.float32)))[0] == 1
     finally:
         worker.stop()
 

@@ -62,7 +62,8 @@ def test_every_requirement_is_pinned():
 def test_dockerfile_has_a_slim_target_without_torch_and_the_full_one_by_default():
     dockerfile = (ROOT / "Dockerfile").read_text()
     stages = re.findall(r"^FROM (\S+) AS (\S+)", dockerfile, re.M)
-    assert [name for _, name in stages] == ["full-runtime", "bundle", "slim", "full"]  # full is the default
+    assert stages == [("python:3.11-slim-bookworm", "base"), ("base", "full-runtime"), ("full-runtime", "bundle"),
+                      ("base", "slim"), ("full-runtime", "full")]  # full, the last, is the default
     slim = dockerfile.split("AS slim")[1].split("AS full")[0]
     assert "requirements-serve.txt" in slim and "requirements.txt" not in slim.replace("requirements-serve.txt", "")
     assert "COPY --from=bundle /bundle" in slim and "MODEL_PATH=/srv/models/bundle" in slim

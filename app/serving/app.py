@@ -1,9 +1,12 @@
 """The Starlette application: its routes, middleware and error handlers, and the lifespan that
-starts the model (`app.serving.startup`) before the first request and stops it after the last."""
+starts the model (`app.serving.startup`) before the first request, reloads it on SIGHUP, and stops
+it after the last."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -22,13 +25,41 @@ from app.serving.fetch import AddressPolicy, allow_any, make_session, public_onl
 from app.serving.metrics import Metrics
 from app.serving.middleware import BodyDeadline, RequestLog, UploadSizeLimit
 from app.serving.routes import Runtime
-from app.serving.startup import LearnerState, start_serving
+from app.serving.startup import LearnerState, Serving, reload, start_serving
 from app.web import STATIC_DIR
 
 log = logging.getLogger(__name__)
 
 # Multipart framing (boundaries, part headers) on top of the file itself.
 MULTIPART_OVERHEAD = 64 * 1024
+
+
+class ReloadOnSighup:
+    """`kill -HUP`: load MODEL_PATH again and switch to it (`app.serving.startup.reload`), one
+    reload at a time; a signal during a reload runs another once it is done."""
+
+    def __init__(self, serving: Serving, settings: Settings, metrics: Metrics):
+        self.serving, self.settings, self.metrics = serving, settings, metrics
+        self.lock = asyncio.Lock()
+        self.tasks: set[asyncio.Task] = set()
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_signal_handler(signal.SIGHUP, self.schedule)
+
+    def schedule(self) -> None:
+        log.info("SIGHUP: reloading %s", self.settings.model_path)
+        task = self.loop.create_task(self.run())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def run(self) -> None:
+        async with self.lock:
+            await reload(self.serving, self.settings, self.metrics)
+
+    async def stop(self) -> None:
+        self.loop.remove_signal_handler(signal.SIGHUP)
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 def create_app(settings: Settings, policy: AddressPolicy | None = None,
@@ -55,10 +86,12 @@ def create_app(settings: Settings, policy: AddressPolicy | None = None,
                    LearnerState.NOT_USED: "a checked bundle, no learner"}.get(serving.learner, "learner loaded")
         log.info("ready: %s (%s, %s preprocessing, %s) classes=%s", model.file.path, model.predictor.backend,
                  model.predictor.preprocessing, learner, model.vocab)
+        reloading = ReloadOnSighup(serving, settings, metrics)
         try:
             yield
         finally:
             app.state.ready = False
+            await reloading.stop()
             await serving.stop()
             await app.state.runtime.session.close()
 

@@ -2,7 +2,9 @@
 
 The event loop never runs the model. The worker takes the first waiting request, adds whatever
 else is already queued (up to `max_batch`, never waiting for more), and runs one forward pass for
-all of them. A bounded number of requests may be in the service at once; past that, callers get
+all of them: one per model, when a model swap (SIGHUP) left requests prepared for the old model and
+the new one in the queue together, so that each request is answered by the model it was prepared
+for. A bounded number of requests may be in the service at once; past that, callers get
 `Overloaded` and the client a 503 with Retry-After, instead of latency growing without bound.
 """
 
@@ -38,6 +40,7 @@ class Overloaded(DomainError):
 @dataclass
 class _Job:
     array: np.ndarray
+    model: Any  # what `infer` runs the array with: jobs for different models never share a pass
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -46,7 +49,7 @@ _STOP = object()
 
 
 class InferenceWorker:
-    def __init__(self, infer: Callable[[np.ndarray], Sequence[Any]], max_batch: int, capacity: int,
+    def __init__(self, infer: Callable[[Any, np.ndarray], Sequence[Any]], max_batch: int, capacity: int,
                  observe: BatchObserver | None = None):
         self._infer = infer
         self._max_batch = max_batch
@@ -82,10 +85,11 @@ class InferenceWorker:
             with self._lock:
                 self._admitted -= 1
 
-    async def predict(self, array: np.ndarray) -> Any:
-        """The result for one prepared input (`infer`'s row for it). Cancelling the caller (a client that went
-        away) cancels the job if it has not started, so no work is wasted on it."""
-        job = _Job(array)
+    async def predict(self, model: Any, array: np.ndarray) -> Any:
+        """The result for one input prepared for `model` (`infer(model, batch)`'s row for it). Cancelling
+        the caller (a client that went away) cancels the job if it has not started, so no work is
+        wasted on it."""
+        job = _Job(array, model)
         self._queue.put(job)
         return await asyncio.wrap_future(job.future)
 
@@ -109,18 +113,24 @@ class InferenceWorker:
             if first is _STOP:
                 return
             jobs = self._take_batch(first)
-            if not jobs:
-                continue
-            started = time.perf_counter()
-            try:
-                results = self._infer(np.stack([job.array for job in jobs]))
-            except Exception as exc:  # reported to each caller; the worker keeps serving
-                log.exception("inference failed")
-                for job in jobs:
-                    job.future.set_exception(exc)
-                continue
-            done = time.perf_counter()
-            for job, row in zip(jobs, results, strict=True):
-                job.future.set_result(row)
-            if self._observe is not None:
-                self._observe(len(jobs), [started - job.enqueued for job in jobs], done - started)
+            models: list[Any] = []  # in order of arrival, by identity; almost always one
+            for job in jobs:
+                if not any(job.model is model for model in models):
+                    models.append(job.model)
+            for model in models:
+                self._run_batch(model, [job for job in jobs if job.model is model])
+
+    def _run_batch(self, model: Any, jobs: list[_Job]) -> None:
+        started = time.perf_counter()
+        try:
+            results = self._infer(model, np.stack([job.array for job in jobs]))
+        except Exception as exc:  # reported to each caller; the worker keeps serving
+            log.exception("inference failed")
+            for job in jobs:
+                job.future.set_exception(exc)
+            return
+        done = time.perf_counter()
+        for job, row in zip(jobs, results, strict=True):
+            job.future.set_result(row)
+        if self._observe is not None:
+            self._observe(len(jobs), [started - job.enqueued for job in jobs], done - started)

@@ -20,9 +20,10 @@ from app.serving.config import Settings
 from app.serving.metrics import Metrics
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ServedModel:
-    """What answers requests: the export it came from, its classes, predictor and detector."""
+    """What answers requests: the export it came from, its classes, predictor and detector. Two are
+    the same only if they are one object (a swap replaces the whole of it)."""
 
     file: ModelFile
     vocab: list[str]
@@ -44,7 +45,12 @@ class Classifier:
 
     def use(self, predictor: Predictor, vocab: list[str]) -> None:
         """Serve with this predictor from now on (start-up may replace the first one)."""
-        self.model = dataclasses.replace(self.model, predictor=predictor, vocab=vocab)
+        self.swap(dataclasses.replace(self.model, predictor=predictor, vocab=vocab))
+
+    def swap(self, model: ServedModel) -> None:
+        """Serve this model from now on: requests already being prepared or queued finish on the
+        model they started with, the next ones use this one (one assignment: atomic)."""
+        self.model = model
         self._report_model()
 
     def _report_model(self) -> None:
@@ -52,8 +58,9 @@ class Classifier:
         self.metrics.model.info({"file": model.file.path.name, "sha256": model.file.sha256,
                                  "backend": model.predictor.backend, "classes": ",".join(model.vocab)})
 
-    def _infer(self, batch: np.ndarray) -> list[Outcome]:
-        return infer_batch(self.model.predictor, self.model.detector, batch)
+    @staticmethod
+    def _infer(model: ServedModel, batch: np.ndarray) -> list[Outcome]:
+        return infer_batch(model.predictor, model.detector, batch)
 
     def start(self) -> None:
         self.worker.start()
@@ -62,20 +69,21 @@ class Classifier:
         self.worker.stop()
         self._decode_pool.shutdown(wait=True, cancel_futures=True)
 
-    def prepare(self, data: bytes) -> np.ndarray:
-        return prepare_image(data, self.model.predictor, self.max_pixels)
+    def prepare(self, model: ServedModel, data: bytes) -> np.ndarray:
+        return prepare_image(data, model.predictor, self.max_pixels)
 
     async def classify(self, read: Callable[[], Awaitable[bytes]]) -> dict[str, Any]:
         """Classify the image that `read` returns. Reading (a fetch of up to MAX_UPLOAD_MB) happens
         inside the admission limit, so overload bounds memory as well as queueing. Raises
         `Overloaded`, `ImageError`, or whatever `read` raises."""
+        model = self.model  # this request is answered by the model it started with, even across a swap
         try:
             with self.worker.admission():
                 data = await read()
                 loop = asyncio.get_running_loop()
-                array = await loop.run_in_executor(self._decode_pool, self.prepare, data)
-                outcome = await self.worker.predict(array)
+                array = await loop.run_in_executor(self._decode_pool, self.prepare, model, data)
+                outcome = await self.worker.predict(model, array)
         except Overloaded:
             self.metrics.rejected.inc()
             raise
-        return outcome.to_json(self.model.vocab)
+        return outcome.to_json(model.vocab)

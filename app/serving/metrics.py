@@ -24,6 +24,8 @@ class Metrics:
         self.rejected = Counter("inference_overload_rejections", "Requests refused with 503 because the queue was full",
                                 registry=r)
         self.model = Info("model", "The model being served", registry=r)
+        self.reloads = Counter("model_reloads", "Model reloads asked for with SIGHUP, by result (switched, refused)",
+                               ["result"], registry=r)
 
     def observe_batch(self, size: int, waits: list[float], seconds: float) -> None:
         self.batch_size.observe(size)

@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,12 +77,21 @@ class Serving:
         await asyncio.to_thread(self.classifier.stop)
 
 
-async def start_serving(settings: Settings, metrics: Metrics, fast_start: bool = True) -> Serving:
-    """A started classifier for the configured model; `ModelLoadError` if it cannot be served."""
+@dataclass
+class Opened:
+    """A model ready to serve, and what is still to be done about its learner."""
+
+    served: ServedModel
+    learner: LearnerState
+    bundle: BundleManifest | None = None
+    compiled: CompiledModel | None = None  # fast path: checked again in the background
+    with_features: bool = False
+
+
+async def open_model(settings: Settings, fast_start: bool = True) -> Opened:
+    """The configured model, checked and ready to serve; `ModelLoadError` if it cannot be served."""
     if is_bundle(settings.model_path):
-        serving = await asyncio.to_thread(_serve_bundle, settings, metrics)
-        serving.classifier.start()
-        return serving
+        return await asyncio.to_thread(_open_bundle, settings)
     file = await fetch_model_file(settings.model_path, settings.model_url, settings.model_sha256)
     detector = await asyncio.to_thread(load_detector, file)
     with_features = detector is not None
@@ -93,26 +103,57 @@ async def start_serving(settings: Settings, metrics: Metrics, fast_start: bool =
         compiled = await asyncio.to_thread(load_compiled, file, folders.lookup, settings.threads, with_features)
         if compiled is not None:
             served = ServedModel(file, compiled.vocab, compiled.predictor, detector)
-            serving = Serving(Classifier(served, settings, metrics), LearnerState.LOADING)
-            serving.background = asyncio.create_task(_check_behind(serving, compiled, settings, with_features))
-            serving.classifier.start()
-            return serving
+            return Opened(served, LearnerState.LOADING, compiled=compiled, with_features=with_features)
     if settings.backend != "torch":
         if folders.fallback_note:
             log.warning("%s", folders.fallback_note)
         if await check_in_child(file, settings, with_features, folders.write) is not None:
             compiled = await asyncio.to_thread(load_compiled, file, folders.lookup, settings.threads, with_features)
     if compiled is not None:
-        served = ServedModel(file, compiled.vocab, compiled.predictor, detector)
-        serving = Serving(Classifier(served, settings, metrics), LearnerState.LOADED)
-    else:
-        log.info("loading the learner in this process: its predictor needs torch or fastai")
-        model = await asyncio.to_thread(load_learner_from, file)
-        predictor = await asyncio.to_thread(checked_predictor, model, settings, with_features, folders.write)
-        served = ServedModel(file, model.vocab, predictor, detector)
-        serving = Serving(Classifier(served, settings, metrics), LearnerState.LOADED)
+        return Opened(ServedModel(file, compiled.vocab, compiled.predictor, detector), LearnerState.LOADED)
+    log.info("loading the learner in this process: its predictor needs torch or fastai")
+    model = await asyncio.to_thread(load_learner_from, file)
+    predictor = await asyncio.to_thread(checked_predictor, model, settings, with_features, folders.write)
+    return Opened(ServedModel(file, model.vocab, predictor, detector), LearnerState.LOADED)
+
+
+async def start_serving(settings: Settings, metrics: Metrics, fast_start: bool = True) -> Serving:
+    """A started classifier for the configured model; `ModelLoadError` if it cannot be served."""
+    opened = await open_model(settings, fast_start)
+    serving = Serving(Classifier(opened.served, settings, metrics), opened.learner)
+    _adopt(serving, opened, settings)
     serving.classifier.start()
     return serving
+
+
+def _adopt(serving: Serving, opened: Opened, settings: Settings) -> None:
+    serving.learner, serving.learner_error, serving.bundle = opened.learner, None, opened.bundle
+    if opened.compiled is not None:
+        serving.background = asyncio.create_task(
+            _check_behind(serving, opened.compiled, settings, opened.with_features))
+
+
+async def reload(serving: Serving, settings: Settings, metrics: Metrics) -> bool:
+    """Load MODEL_PATH again beside the model in service, check it exactly as at start-up, and switch
+    to it between batches (SIGHUP). A model that fails its check is refused and the old one keeps
+    serving. Whether it switched."""
+    old = serving.classifier.model
+    started = time.perf_counter()
+    try:
+        opened = await open_model(settings)
+    except ModelLoadError as exc:
+        metrics.reloads.labels("refused").inc()
+        log.error("reload refused: %s; still serving %s (sha256 %s)", exc, old.file.path, old.file.sha256[:12])
+        return False
+    if serving.background is not None:
+        serving.background.cancel()
+        await asyncio.gather(serving.background, return_exceptions=True)
+    serving.classifier.swap(opened.served)
+    _adopt(serving, opened, settings)
+    metrics.reloads.labels("switched").inc()
+    log.info("reloaded in %.1f s: now serving %s (sha256 %s, was %s)", time.perf_counter() - started,
+             opened.served.file.path, opened.served.file.sha256[:12], old.file.sha256[:12])
+    return True
 
 
 async def check_in_child(file: ModelFile, settings: Settings, with_features: bool,
@@ -146,7 +187,7 @@ async def check_in_child(file: ModelFile, settings: Settings, with_features: boo
     return Manifest(**answer["manifest"]) if answer["manifest"] else None
 
 
-def _serve_bundle(settings: Settings, metrics: Metrics) -> Serving:
+def _open_bundle(settings: Settings) -> Opened:
     if settings.backend == "torch":
         raise ModelLoadError(f"INFERENCE_BACKEND=torch, but {settings.model_path} is a bundle, which runs in ONNX "
                              "Runtime: use auto or onnx")
@@ -157,7 +198,7 @@ def _serve_bundle(settings: Settings, metrics: Metrics) -> Serving:
     if bundle.detector is not None:
         single_threaded_blas()
     served = ServedModel(bundle.file, bundle.manifest.classes, bundle.predictor, bundle.detector)
-    return Serving(Classifier(served, settings, metrics), LearnerState.NOT_USED, bundle=bundle.manifest)
+    return Opened(served, LearnerState.NOT_USED, bundle=bundle.manifest)
 
 
 def _predictor_for(model: LoadedModel, settings: Settings, with_features: bool, cache_dir: Path | None) -> Predictor:
