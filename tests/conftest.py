@@ -36,6 +36,20 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def other_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another tiny model: the same classes, trained with another seed on more photos."""
+    from app.train import main
+
+    root = tmp_path_factory.mktemp("other")
+    data = make_dataset(root / "data", per_class=14)
+    out = root / "model"
+    assert main([str(data), "--arch", "tiny_cnn", "--no-pretrained", "--epochs", "6", "--freeze-epochs", "0",
+                 "--lr", "1e-2", "--size", "32", "--bs", "8", "--workers", "0", "--quiet", "--seed", "7",
+                 "--out", str(out)]) == 0
+    return out / "export.pkl"
+
+
+@pytest.fixture(scope="session")
 def tiny_learner(tiny_export: Path):
     from fastai.learner import load_learner
 

@@ -52,6 +52,33 @@ def test_evaluate_reports_accuracy_confusion_and_flagged_rates(tiny_export, tmp_
     assert "boards" in result.stdout and "100.0%" in result.stdout
 
 
+def test_compare_sets_two_models_side_by_side_and_says_whether_the_new_one_is_as_good(tiny_export, other_export,
+                                                                                      tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=6)
+    other = boards(tmp_path / "other" / "boards")
+    result = evaluate_cli(str(data), "--model", str(other_export), "--compare", str(tiny_export),
+                          "--unfamiliar", str(other), "--json", str(tmp_path / "c.json"),
+                          "--sheet", str(tmp_path / "sheet.png"))
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert result.returncode == (0 if report["as_good"] else 1), result.stderr
+    right = {name: sum(r["actual"] == r["predicted"] for r in report[name]["photos"]) for name in ("new", "old")}
+    assert report["right"] == right
+    assert report["as_good"] == (right["new"] >= right["old"] and report["flagged_unfamiliar"]["new"]
+                                 >= report["flagged_unfamiliar"]["old"])
+    old = {r["file"]: (r["predicted"], r["unfamiliar"]) for r in report["old"]["photos"]}
+    differ = sorted(r["file"] for r in report["new"]["photos"] if (r["predicted"], r["unfamiliar"]) != old[r["file"]])
+    assert sorted(d["file"] for d in report["disagreements"]) == differ
+    assert "OLD" in result.stdout and "as good as OLD (NEW is as good as OLD when" in result.stdout
+    if differ:
+        from PIL import Image
+
+        assert Image.open(tmp_path / "sheet.png").size[0] >= 160
+
+    same = evaluate_cli(str(data), "--model", str(tiny_export), "--compare", str(tiny_export))
+    assert same.returncode == 0 and "0 photos answered differently" in same.stdout
+    assert "NEW is as good as OLD" in same.stdout
+
+
 @pytest.mark.parametrize("setup,message", [
     ("missing data", "data folder not found"),
     ("not a class", "are not classes of the model"),

@@ -11,27 +11,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 import requests
-from support import AppProcess, image_bytes, make_dataset, synthetic_image
+from support import AppProcess, image_bytes, synthetic_image
 
 from app.core.files import sha256_file
 
 MODEL_FILES = ("export.pkl", "export.detector.npz", "model-card.json")
-
-
-@pytest.fixture(scope="module")
-def other_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Another tiny model: the same classes, trained with another seed on more photos."""
-    from app.train import main
-
-    root = tmp_path_factory.mktemp("other")
-    data = make_dataset(root / "data", per_class=14)
-    out = root / "model"
-    assert main([str(data), "--arch", "tiny_cnn", "--no-pretrained", "--epochs", "6", "--freeze-epochs", "0",
-                 "--lr", "1e-2", "--size", "32", "--bs", "8", "--workers", "0", "--quiet", "--seed", "7",
-                 "--out", str(out)]) == 0
-    return out / "export.pkl"
 
 
 def put_model(source: Path, folder: Path) -> None:

@@ -1,12 +1,15 @@
 """Evaluate a model the way the server runs it, on photos it never saw.
 
     python -m app.evaluate DATA [--model models/export.pkl] [--unfamiliar OTHER] [--json FILE]
+    python -m app.evaluate DATA --model NEW --compare OLD [--unfamiliar OTHER] [--sheet FILE.png]
 
 DATA holds one sub-folder of photos per class (a subset of the model's classes); OTHER, photos that
 belong to no class, in any sub-folders (cats/, cars/, ...). Every photo goes through the server's
 decoding, preprocessing, compiled model and unfamiliar-image detector. Prints accuracy, the
 confusion matrix and how many photos the detector flags (per class of DATA, per sub-folder of
-OTHER); `--json FILE` writes the same figures. Exits 2 with a one-line message on bad input.
+OTHER); `--json FILE` writes the same figures. With `--compare OLD`, both models run on the same
+photos and are set side by side (`app.building.compare`): the exit status is 0 when the new model
+is as good as the old one, 1 when it is not. Exits 2 with a one-line message on bad input.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from app.building.cli import UsageError, add_threads, parser, run_command, threads_or_all
+from app.building.compare import compare, contact_sheet, format_comparison
 from app.building.datasets import find_classes, image_files
 from app.building.measure import evaluate, unfamiliar_files
 from app.core.detector import Detector, load_detector
@@ -60,12 +64,19 @@ def format_report(report: dict[str, Any]) -> str:
 # --- Command line --------------------------------------------------------------------------------
 
 
+NOT_AS_GOOD = 1  # the exit status when --model is not as good as --compare
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = parser("python -m app.evaluate", __doc__)
     p.add_argument("data", type=Path, help="folder with one sub-folder of photos per class")
     p.add_argument("--model", type=Path, default=Path("models/export.pkl"), help="the fastai export")
     p.add_argument("--unfamiliar", type=Path, metavar="OTHER", help="folder of photos that belong to no class")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE")
+    p.add_argument("--compare", type=Path, metavar="OLD",
+                   help="compare --model with this export (the one in service); exit 1 if it is not as good")
+    p.add_argument("--sheet", type=Path, metavar="FILE.png",
+                   help="with --compare: draw the photos the two models answer differently")
     add_threads(p, "inference")
     return p.parse_args(argv)
 
@@ -105,13 +116,25 @@ def check_folders(data: Path, unfamiliar: Path | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
+    def report_on(model_path: Path) -> dict[str, Any]:
+        predictor, detector, model = load_model(model_path, threads_or_all(args.threads))
+        return evaluate(predictor, detector, model.vocab, args.data, args.unfamiliar)
+
     def run() -> int:
+        if args.sheet is not None and args.compare is None:
+            raise UsageError("--sheet draws the photos two models disagree on: give --compare OLD too")
         check_folders(args.data, args.unfamiliar)
-        predictor, detector, model = load_model(args.model, threads_or_all(args.threads))
-        report = evaluate(predictor, detector, model.vocab, args.data, args.unfamiliar)
-        print(format_report(report))
+        if args.compare is None:
+            report = report_on(args.model)
+            print(format_report(report))
+        else:
+            report = compare(report_on(args.model), report_on(args.compare))
+            print(format_comparison(report))
+            if args.sheet is not None:
+                drawn = contact_sheet(report["disagreements"], args.sheet)
+                print(f"{drawn} of the photos answered differently drawn in {args.sheet}")
         if args.json:
             args.json.write_text(json.dumps(report, indent=2) + "\n")
-        return 0
+        return 0 if args.compare is None or report["as_good"] else NOT_AS_GOOD
 
     return run_command(run)

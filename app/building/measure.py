@@ -117,6 +117,7 @@ def evaluate(predictor: Predictor, detector: Detector | None, vocab: list[str], 
         "confusion_matrix": {"labels": vocab,
                              "rows_actual_cols_predicted": confusion_matrix(targets, predicted, len(vocab)).tolist()},
         "detector": detector.describe() if detector is not None else None,
+        "photos": per_photo(outputs, targets, vocab),
     }
     if outputs.unfamiliar is not None:
         report["flagged_known"] = {"overall": rate(outputs.unfamiliar),
@@ -124,6 +125,18 @@ def evaluate(predictor: Predictor, detector: Detector | None, vocab: list[str], 
     if unfamiliar is not None:
         report["flagged_unfamiliar"] = unfamiliar_rates(predictor, detector, unfamiliar)
     return report
+
+
+def per_photo(outputs: Outputs, targets: np.ndarray, vocab: list[str]) -> list[dict[str, Any]]:
+    """Each photo's answer: its file, actual and predicted class, that class's probability, and the
+    detector's verdict (None without a detector)."""
+    rows = []
+    for i, (path, target, probs) in enumerate(zip(outputs.files, targets, outputs.probs, strict=True)):
+        guess = int(probs.argmax())
+        rows.append({"file": str(path), "actual": vocab[target], "predicted": vocab[guess],
+                     "probability": round(float(probs[guess]), 4),
+                     "unfamiliar": None if outputs.unfamiliar is None else bool(outputs.unfamiliar[i])})
+    return rows
 
 
 def unfamiliar_files(folder: Path) -> list[Path]:
