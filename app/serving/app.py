@@ -36,14 +36,19 @@ MULTIPART_OVERHEAD = 64 * 1024
 
 class ReloadOnSighup:
     """`kill -HUP`: load MODEL_PATH again and switch to it (`app.serving.startup.reload`), one
-    reload at a time; a signal during a reload runs another once it is done."""
+    reload at a time; a signal during a reload runs another once it is done. Signals reach only an
+    app served from the main thread (as `python -m app` serves it)."""
 
     def __init__(self, serving: Serving, settings: Settings, metrics: Metrics):
         self.serving, self.settings, self.metrics = serving, settings, metrics
         self.lock = asyncio.Lock()
         self.tasks: set[asyncio.Task] = set()
         self.loop = asyncio.get_running_loop()
-        self.loop.add_signal_handler(signal.SIGHUP, self.schedule)
+        try:
+            self.loop.add_signal_handler(signal.SIGHUP, self.schedule)
+            self.installed = True
+        except (ValueError, RuntimeError, NotImplementedError):  # not the main thread (an embedding app)
+            self.installed = False
 
     def schedule(self) -> None:
         log.info("SIGHUP: reloading %s", self.settings.model_path)
@@ -56,7 +61,8 @@ class ReloadOnSighup:
             await reload(self.serving, self.settings, self.metrics)
 
     async def stop(self) -> None:
-        self.loop.remove_signal_handler(signal.SIGHUP)
+        if self.installed:
+            self.loop.remove_signal_handler(signal.SIGHUP)
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
