@@ -176,3 +176,25 @@ def test_bad_model_url_leaves_no_model_behind(model_host, tmp_path, path, expect
     with pytest.raises(ModelLoadError, match=message):
         asyncio.run(load_model(dest, model_host.url(path), expected_sha))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_module_is_named_with_what_to_do(tiny_export, tmp_path):
+    """An export that needs a module this server lacks (timm, or the notebook's own helpers)."""
+    import os
+    import subprocess
+
+    from support import ROOT
+
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "bear_helpers.py").write_text("def label(path):\n    return path.parent.name\n")
+    model = tmp_path / "model" / "export.pkl"
+    model.parent.mkdir()
+    script = ("import bear_helpers, sys; from fastai.learner import load_learner; "
+              "learn = load_learner(sys.argv[1], cpu=True); learn.labeller = bear_helpers.label; "
+              "learn.export(sys.argv[2])")
+    subprocess.run([sys.executable, "-c", script, str(tiny_export), str(model)], cwd=ROOT, check=True,
+                   env={**os.environ, "PYTHONPATH": str(extra)})
+    line = startup_error({"MODEL_PATH": str(model)})
+    assert "needs the module 'bear_helpers', which is not installed here" in line
+    assert "pip install bear_helpers" in line and "make it importable (PYTHONPATH)" in line

@@ -48,7 +48,15 @@ def load_learner_checked(path: Path, card: dict[str, Any] | None) -> Any:
 
                 torch.load(path, map_location="cpu", weights_only=False)
                 raise
-    except (AttributeError, ModuleNotFoundError, ImportError, TypeError) as exc:
+    except ModuleNotFoundError as exc:
+        # A package from a registry (timm, ...) or the training notebook's own module: both read alike.
+        top = (exc.name or "?").split(".")[0]
+        raise ModelLoadError(
+            f"{path} needs the module {exc.name!r}, which is not installed here ({_version_hint(card)}): if it "
+            f"is a package, pip install {top} (the version the model was trained with); if it holds the export's "
+            "own functions, make it importable (PYTHONPATH); if it belongs to another fastai or torch, install "
+            "the versions the model was trained with") from None
+    except (AttributeError, ImportError, TypeError) as exc:
         raise ModelLoadError(
             f"{path} could not be unpickled ({type(exc).__name__}: {exc}): the export needs code or "
             f"versions this server lacks ({_version_hint(card)}); install the fastai and torch versions "
