@@ -102,7 +102,6 @@ def memory_mb(pid: int, field: str = "VmRSS") -> float:
     return float("nan")
 
 
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -278,7 +278,6 @@ def test_phone_width_has_no_horizontal_scrolling(bear_server, open_page, screens
     assert axe_serious_violations(page) == []
 
 
-
 def test_a_drawn_teddy_on_a_phone_is_not_a_photo_of_one(bear_server, open_page, screenshots):
     """The README's screenshot (docs/screenshot.png is a copy of readme.png): no shared photo in it.
     A drawing of circles is not what the model was trained on (the bear photos had their cartoons

@@ -1,6 +1,6 @@
 """Everything after the training loop: calibration, export, the unfamiliar-image detector, the
-validation figures (measured through the server's own decoding and preprocessing), plots and the
-model card."""
+validation figures (measured through the server's own decoding and preprocessing), plots, the
+model card and the checked bundle."""
 
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ EXPORT_NAME = "export.pkl"
 BUNDLE_NAME = "bundle"
 CARD_NAME = "model-card.json"
 PLOTS = ("confusion-matrix.png", "top-losses.png")
-
 
 
 @dataclass
@@ -178,8 +177,6 @@ def model_card(done: Finished, learn: Any, args: argparse.Namespace, counts: Cou
         "export_sha256": sha256_file(done.export_path),
         "export_bytes": done.export_path.stat().st_size,
     }
-
-
 
 
 def complete(learn: Any, train_files: list[Path], valid_files: list[Path], seconds: float, args: argparse.Namespace,
