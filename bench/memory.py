@@ -14,48 +14,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import requests
-
-from bench.__main__ import ROOT, memory_mb, photo
+from bench.__main__ import ROOT, Server, memory_mb, photo, start_ours
 
 HEAVY = ("torch", "torchvision", "fastai", "fastcore")
 
 
-def serve(env: dict[str, str], without_heavy: bool) -> tuple[subprocess.Popen, str, float]:
-    """A started server, its URL and the seconds it took to answer /readyz."""
+def serve(model: Path, without_heavy: bool, **env: str) -> Server:
+    """Ours on `model`, once ready and done with its learner; torch and fastai unimportable in it and
+    its children with `without_heavy`. MALLOC_ARENA_MAX as both Docker images set it."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from support import free_port, unimportable_env
+    from support import unimportable_env
 
-    port = free_port()
-    if without_heavy:
-        env = {**env, **unimportable_env(HEAVY)}
-    t0 = time.perf_counter()
-    # MALLOC_ARENA_MAX as both Docker images set it.
-    env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "MALLOC_ARENA_MAX": "2", **env}
-    proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
-    url = f"http://127.0.0.1:{port}"
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if requests.get(url + "/readyz", timeout=1).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.05)
-    ready = time.perf_counter() - t0
-    while requests.get(url + "/model", timeout=5).json()["learner"] == "loading":
-        time.sleep(0.2)
-    return proc, url, ready
+    return start_ours(model, MALLOC_ARENA_MAX="2", **env, **(unimportable_env(HEAVY) if without_heavy else {}))
 
 
 def load(url: str, image: Path, clients: int, seconds: float) -> float:
@@ -78,22 +54,22 @@ def main(argv: list[str] | None = None) -> int:
                                       ignore=shutil.ignore_patterns("*.onnx", "*.onnx.json"))) / "export.pkl"
         subprocess.run([sys.executable, "-m", "app.compile", str(export), "--out", str(bundle)], cwd=ROOT,
                        check=True, capture_output=True)
-        ways = [("export, first start", {"MODEL_PATH": str(export), "CACHE_DIR": str(cache)}, False),
-                ("export, restart", {"MODEL_PATH": str(export), "CACHE_DIR": str(cache)}, False),
-                ("bundle, no torch", {"MODEL_PATH": str(bundle)}, True)]
+        ways = [("export, first start", export, {"CACHE_DIR": str(cache)}, False),
+                ("export, restart", export, {"CACHE_DIR": str(cache)}, False),
+                ("bundle, no torch", bundle, {}, True)]
         print(f"| served as | ready | RSS at rest | RSS after {args.clients} clients for {args.seconds:g} s | "
               "peak RSS | req/s |")
         print("|---|---:|---:|---:|---:|---:|")
-        for name, env, without_heavy in ways:
-            proc, url, ready = serve(env, without_heavy)
+        for name, model, env, without_heavy in ways:
+            server = serve(model, without_heavy, **env)
             try:
-                rest = memory_mb(proc.pid)
-                rate = load(url, image, args.clients, args.seconds)
-                after, peak = memory_mb(proc.pid), memory_mb(proc.pid, "VmHWM")
+                rest = memory_mb(server.proc.pid)
+                rate = load(server.url, image, args.clients, args.seconds)
+                after, peak = memory_mb(server.proc.pid), memory_mb(server.proc.pid, "VmHWM")
             finally:
-                proc.terminate()
-                proc.wait(30)
-            print(f"| {name} | {ready:.1f} s | {rest:.0f} MB | {after:.0f} MB | {peak:.0f} MB | {rate:.1f} |")
+                server.stop()
+            print(f"| {name} | {server.cold_start_s:.1f} s | {rest:.0f} MB | {after:.0f} MB | {peak:.0f} MB | "
+                  f"{rate:.1f} |")
     return 0
 
 

@@ -58,6 +58,12 @@ def image_files(folder: Path, recursive: bool = False) -> list[Path]:
                   and not any(part.startswith(("_", ".")) for part in p.relative_to(folder).parts))
 
 
+def loose_photos_hint(data: Path) -> str:
+    """For a message about missing class folders: the photos lying directly in `data`, if any."""
+    loose = image_files(data)
+    return f" ({len(loose)} photos lie directly in it: put them in one sub-folder per class)" if loose else ""
+
+
 def labelled_files(data: Path, vocab: list[str]) -> tuple[list[Path], list[int]]:
     """The photos in DATA's class folders, and each one's class index in `vocab`."""
     if not data.is_dir():
@@ -69,7 +75,5 @@ def labelled_files(data: Path, vocab: list[str]) -> tuple[list[Path], list[int]]
                          f"(its classes: {', '.join(vocab)})")
     files = [f for folder in folders for f in image_files(folder)]
     if not files:
-        loose = image_files(data)
-        hint = f" ({len(loose)} photos lie directly in it: put them in one sub-folder per class)" if loose else ""
-        raise UsageError(f"no images in the class folders of {data}{hint}")
+        raise UsageError(f"no images in the class folders of {data}{loose_photos_hint(data)}")
     return files, [vocab.index(f.parent.name) for f in files]

@@ -21,7 +21,7 @@ from typing import Any
 
 from app.building.cli import UsageError, add_threads, parser, run_command, threads_or_all
 from app.building.compare import compare, contact_sheet, format_comparison
-from app.building.datasets import find_classes, image_files
+from app.building.datasets import find_classes, loose_photos_hint
 from app.building.measure import evaluate, unfamiliar_files
 from app.core.detector import Detector, load_detector
 from app.core.model_file import ModelLoadError, open_model_file
@@ -106,9 +106,8 @@ def check_folders(data: Path, unfamiliar: Path | None) -> None:
     if not data.is_dir():
         raise UsageError(f"data folder not found: {data}")
     if not find_classes(data):
-        loose = image_files(data)
-        hint = f" ({len(loose)} photos lie directly in it: put them in one sub-folder per class)" if loose else ""
-        raise UsageError(f"no class folders in {data}: it needs one sub-folder of photos per class{hint}")
+        raise UsageError(f"no class folders in {data}: it needs one sub-folder of photos per class"
+                         f"{loose_photos_hint(data)}")
     if unfamiliar is not None:
         unfamiliar_files(unfamiliar)
 

@@ -58,10 +58,12 @@ class Finished:
 
 
 def finish(learn: Any, train_files: list[Path], valid_files: list[Path], out: Path, k: int, keep: float,
-           unfamiliar: Path | None = None, threads: int | None = None) -> Finished:
+           unfamiliar: Path | None = None, threads: int | None = None,
+           train_outputs: Outputs | None = None) -> Finished:
     """Calibrate, export and fit the unfamiliar-image detector, all through the server's own
-    decoding and preprocessing (the torch fallback of `app.predictor`), so that the validation
-    figures and the detector's reference features are what the server will see."""
+    decoding and preprocessing (the torch fallback of `app.learner.compile`), so that the validation
+    figures and the detector's reference features are what the server will see. `train_outputs`:
+    the training photos' pooled features, when fitting the head has already computed them."""
     from scipy.special import softmax
 
     vocab = [str(v) for v in learn.dls.vocab]
@@ -79,7 +81,7 @@ def finish(learn: Any, train_files: list[Path], valid_files: list[Path], out: Pa
     export_path = export(learn, out)
     detector = None
     if has_features and valid.features is not None:
-        reference = predict_files(predictor, None, train_files).features
+        reference = (train_outputs or predict_files(predictor, None, train_files)).features
         detector = Detector.fit(sha256_file(export_path), reference, valid.features, valid.probs.argmax(axis=1),
                                 len(vocab), k, keep)
         detector.save(detector_path(export_path))
@@ -180,10 +182,12 @@ def model_card(done: Finished, learn: Any, args: argparse.Namespace, counts: Cou
 
 
 def complete(learn: Any, train_files: list[Path], valid_files: list[Path], seconds: float, args: argparse.Namespace,
-             counts: Counter, argv: list[str]) -> tuple[dict[str, Any], str | None]:
+             counts: Counter, argv: list[str],
+             train_outputs: Outputs | None = None) -> tuple[dict[str, Any], str | None]:
     """Everything after the training loop: calibration, export, detector, plots, model card and
     bundle. Returns the card, and why no bundle was made (None when one was)."""
-    done = finish(learn, train_files, valid_files, args.out, args.detector_k, args.detector_keep, args.unfamiliar)
+    done = finish(learn, train_files, valid_files, args.out, args.detector_k, args.detector_keep, args.unfamiliar,
+                  train_outputs=train_outputs)
     save_plots(done, args.out)
     card = model_card(done, learn, args, counts, len(train_files), seconds, argv)
     (args.out / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")

@@ -16,16 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from app.building.measure import predict_files
+from app.building.measure import Outputs, predict_files
 from app.learner.compile import build_predictor
 
 C_GRID = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 FOLDS = 5
 
 
-def fit_linear_head(learn: Any, train_files: list[Path], threads: int, seed: int) -> tuple[dict[str, Any], float]:
+def fit_linear_head(learn: Any, train_files: list[Path], threads: int,
+                    seed: int) -> tuple[dict[str, Any], float, Outputs]:
     """Fit the learner's final Linear as logistic regression on the training photos' pooled
-    features; what was chosen, and the seconds it took."""
+    features; what was chosen, the seconds it took, and those features (which the head does not
+    change: the unfamiliar-image detector's reference photos are the same)."""
     import torch
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
@@ -54,4 +56,4 @@ def fit_linear_head(learn: Any, train_files: list[Path], threads: int, seed: int
     chosen = {"method": "logistic regression on the frozen body's pooled features (standardised)",
               "C": float(search.best_params_["C"]), "C_grid": list(C_GRID),
               "cv_accuracy_on_training_photos": round(float(search.best_score_), 4), "folds": FOLDS}
-    return chosen, time.perf_counter() - start
+    return chosen, time.perf_counter() - start, outputs

@@ -217,13 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         dls = make_dataloaders(args.data, files, args.size, args.bs, args.seed, args.valid_pct, args.workers,
                                args.min_scale)
         learn = new_learner(dls, architectures()[args.arch], args.pretrained, args.label_smoothing, args.head)
+        train_files, train_outputs = split_files(dls.train_ds), None
         if args.head == "linear":
-            args.head_fit, seconds = fit_linear_head(learn, split_files(dls.train_ds), os.cpu_count() or 1, args.seed)
+            args.head_fit, seconds, train_outputs = fit_linear_head(learn, train_files, os.cpu_count() or 1, args.seed)
         else:
             args.head_fit = None
             seconds = fit(learn, args.epochs, args.freeze_epochs, args.pretrained, args.lr, show_progress)
-        card, no_bundle = complete(learn, split_files(dls.train_ds), split_files(dls.valid_ds), seconds, args, counts,
-                                   argv)
+        card, no_bundle = complete(learn, train_files, split_files(dls.valid_ds), seconds, args, counts, argv,
+                                   train_outputs)
         print_summary(card, rejected, report, args, no_bundle)
         return 0
 

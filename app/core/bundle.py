@@ -101,9 +101,10 @@ def _check_files(folder: Path, manifest: BundleManifest) -> None:
                                  f"one in {MANIFEST_NAME}); {REMAKE}")
 
 
-def _probe(folder: Path, manifest: BundleManifest, predictor: Predictor, detector: Detector | None) -> None:
+def _probe(folder: Path, manifest: BundleManifest, prepare: FastPreprocess, predictor: Predictor,
+           detector: Detector | None) -> None:
     """One forward pass of a blank image: the outputs must fit the classes and the detector."""
-    probe = np.zeros((1, 3, *reversed(FastPreprocess.from_spec(manifest.preprocess).resize.size)), np.float32)
+    probe = np.zeros((1, 3, *reversed(prepare.resize.size)), np.float32)
     try:
         probs, features = predictor.infer(probe)
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types on a graph that does not fit
@@ -142,5 +143,5 @@ def load_bundle(folder: Path, threads: int) -> LoadedBundle:
                           preprocessing="pillow-numpy", draft_size=prepare.draft_size,
                           activation="softmax" if manifest.activation == "softmax" else "sigmoid",
                           onnx_path=folder / MODEL_NAME)
-    _probe(folder, manifest, predictor, detector)
+    _probe(folder, manifest, prepare, predictor, detector)
     return LoadedBundle(ModelFile(folder, manifest.source_sha256, manifest.card), manifest, predictor, detector)

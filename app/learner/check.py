@@ -22,22 +22,29 @@ from app.core.compiled import Manifest, manifest_for, save_manifest
 from app.core.files import ensure_matplotlib_config_dir
 from app.core.logs import configure_logging
 from app.core.model_file import ModelFile, ModelLoadError, read_model_card
-from app.core.runner import BackendChoice, onnx_cache_path
+from app.core.runner import BackendChoice, Predictor, onnx_cache_path
 from app.learner.compile import build_predictor
-from app.learner.loading import load_learner_from
+from app.learner.loading import LoadedModel, load_learner_from
+
+
+def checked_predictor(model: LoadedModel, threads: int, backend: BackendChoice, with_features: bool,
+                      cache_dir: Path | None) -> tuple[Predictor, Manifest | None]:
+    """The learner's fast predictor, checked against it, and the record of that check, written next
+    to the compiled model for later starts (None if the predictor needs torch or fastai to run)."""
+    file = model.file
+    predictor = build_predictor(model.learn, threads, backend, with_features,
+                                onnx_cache_path(file.path, file.sha256, with_features, cache_dir))
+    manifest = manifest_for(file, predictor, model.vocab, with_features)
+    if manifest is not None and predictor.onnx_path is not None:
+        save_manifest(predictor.onnx_path, manifest)
+    return predictor, manifest
 
 
 def check_and_record(file: ModelFile, threads: int, backend: BackendChoice, with_features: bool,
                      cache_dir: Path | None) -> Manifest | None:
     """Load the learner, check the fast predictor against it, record the check; the record, or None
     if the predictor needs torch or fastai to run."""
-    model = load_learner_from(file)
-    predictor = build_predictor(model.learn, threads, backend, with_features,
-                                onnx_cache_path(file.path, file.sha256, with_features, cache_dir))
-    manifest = manifest_for(file, predictor, model.vocab, with_features)
-    if manifest is not None and predictor.onnx_path is not None:
-        save_manifest(predictor.onnx_path, manifest)
-    return manifest
+    return checked_predictor(load_learner_from(file), threads, backend, with_features, cache_dir)[1]
 
 
 def run(request: dict[str, Any]) -> dict[str, Any]:

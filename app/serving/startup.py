@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.core.bundle import BundleManifest, is_bundle, load_bundle
-from app.core.compiled import CompiledModel, Manifest, cache_dirs, load_compiled, manifest_for, save_manifest
+from app.core.compiled import CompiledModel, Manifest, cache_dirs, load_compiled
 from app.core.detector import load_detector, single_threaded_blas
 from app.core.model_file import ModelFile, ModelLoadError
-from app.core.runner import Predictor, onnx_cache_path
-from app.learner.compile import build_predictor
-from app.learner.loading import LoadedModel, load_learner_from
+from app.core.runner import Predictor
+from app.learner.check import checked_predictor
+from app.learner.loading import load_learner_from
 from app.serving.classifier import Classifier, ServedModel
 from app.serving.config import Settings
 from app.serving.metrics import Metrics
@@ -113,7 +113,8 @@ async def open_model(settings: Settings, fast_start: bool = True) -> Opened:
         return Opened(ServedModel(file, compiled.vocab, compiled.predictor, detector), LearnerState.LOADED)
     log.info("loading the learner in this process: its predictor needs torch or fastai")
     model = await asyncio.to_thread(load_learner_from, file)
-    predictor = await asyncio.to_thread(checked_predictor, model, settings, with_features, folders.write)
+    predictor, _ = await asyncio.to_thread(checked_predictor, model, settings.threads, settings.backend, with_features,
+                                           folders.write)
     return Opened(ServedModel(file, model.vocab, predictor, detector), LearnerState.LOADED)
 
 
@@ -201,22 +202,6 @@ def _open_bundle(settings: Settings) -> Opened:
     return Opened(served, LearnerState.NOT_USED, bundle=bundle.manifest)
 
 
-def _predictor_for(model: LoadedModel, settings: Settings, with_features: bool, cache_dir: Path | None) -> Predictor:
-    file = model.file
-    return build_predictor(model.learn, settings.threads, settings.backend, with_features,
-                           onnx_cache_path(file.path, file.sha256, with_features, cache_dir))
-
-
-def checked_predictor(model: LoadedModel, settings: Settings, with_features: bool,
-                      cache_dir: Path | None) -> Predictor:
-    """The fast predictor, checked against the learner, with the check recorded for later starts."""
-    predictor = _predictor_for(model, settings, with_features, cache_dir)
-    manifest = manifest_for(model.file, predictor, model.vocab, with_features)
-    if manifest is not None and predictor.onnx_path is not None:
-        save_manifest(predictor.onnx_path, manifest)
-    return predictor
-
-
 def still_loading_a_learner() -> bool:
     """Whether a background learner load is still running: an import of torch cannot be
     interrupted, so a shutdown that does not want to wait for it must exit without joining it."""
@@ -227,7 +212,7 @@ def _learner_in_process(file: ModelFile, settings: Settings, with_features: bool
                        cache_dir: Path | None) -> tuple[Predictor, list[str]]:
     """The learner's own predictor, built in this process (blocking: for a thread of its own)."""
     model = load_learner_from(file)
-    return checked_predictor(model, settings, with_features, cache_dir), model.vocab
+    return checked_predictor(model, settings.threads, settings.backend, with_features, cache_dir)[0], model.vocab
 
 
 async def _replacement(file: ModelFile, settings: Settings, with_features: bool, cache_dir: Path | None,
