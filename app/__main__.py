@@ -16,7 +16,7 @@ import sys
 
 import uvicorn
 
-from app.core.files import ensure_matplotlib_config_dir
+from app.core.files import ensure_matplotlib_config_dir, writable
 from app.core.logs import configure_logging
 from app.core.model_file import ModelLoadError
 from app.serving.app import create_app
@@ -57,6 +57,10 @@ def main(argv: list[str]) -> int:
             "export you trust with MODEL_SHA256")
     if argv == ["--check"]:
         return check(settings)
+    if settings.feedback_dir and not writable(settings.feedback_dir):
+        print(f"error: FEEDBACK_DIR {settings.feedback_dir} cannot be created or written to by this user",
+              file=sys.stderr)
+        return 2
     if argv:
         print("usage: python -m app [--check]  (configuration comes from environment variables)", file=sys.stderr)
         return 2

@@ -18,14 +18,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_atomically(dest: Path, data: bytes) -> None:
+def write_atomically(dest: Path, data: bytes, mode: int = 0o644) -> None:
     """Write `data` to `dest` through a temporary file in the same folder, renamed into place once
     complete: a crash never leaves a half-written file under the real name."""
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
     try:
         # mkstemp's 0600 would hide the file from a server running as another user than the one
         # that wrote it (the Dockerfile compiles as root and serves as an unprivileged user).
-        os.fchmod(fd, 0o644)
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -118,3 +118,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
         gray = np.clip(values * (255.0 / top), 0, 255).astype(np.uint8)
         return Image.fromarray(gray, "L").convert("RGB")
     return img.convert("RGB")
+
+
+def encode_without_metadata(img: Image.Image, quality: int = 92) -> bytes:
+    """`img` as a JPEG that carries its pixels and nothing else: no EXIF (so no GPS, camera or
+    time), no XMP, no ICC profile, no comment. Decode with `decode_image` first, which has already
+    turned the photo upright, so that dropping the orientation tag loses nothing.
+
+    Pillow copies some of `img.info` (the JPEG comment among them) into what it saves; the pixels
+    are therefore saved from a fresh image that has no `info` at all."""
+    bare = Image.frombytes(img.mode, img.size, img.tobytes())
+    buffer = io.BytesIO()
+    bare.save(buffer, "JPEG", quality=quality, optimize=True)
+    return buffer.getvalue()

@@ -17,6 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from app.core.feedback import FeedbackStore
 from app.core.model_file import ModelLoadError
 from app.serving import routes
 from app.serving.config import Settings
@@ -77,7 +78,9 @@ def create_app(settings: Settings, policy: AddressPolicy | None = None,
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.runtime = Runtime(settings, policy, make_session(policy, settings.fetch_timeout_s, resolver))
+        feedback = FeedbackStore(settings.feedback_dir, settings.feedback_max_bytes) if settings.feedback_dir else None
+        app.state.runtime = Runtime(settings, policy, make_session(policy, settings.fetch_timeout_s, resolver),
+                                    feedback)
         try:
             serving = await start_serving(settings, metrics)
         except ModelLoadError as exc:
@@ -107,6 +110,7 @@ def create_app(settings: Settings, policy: AddressPolicy | None = None,
         Route("/model", routes.model_info),
         Route("/classify-url", routes.classify_url),
         Route("/upload", routes.upload, methods=["POST"]),
+        Route("/feedback", routes.feedback, methods=["POST"]),
         Route("/metrics", routes.metrics, include_in_schema=False),
         Route("/openapi.json", routes.openapi, include_in_schema=False),
         Route("/", routes.index, include_in_schema=False),

@@ -63,10 +63,18 @@ class Settings:
     # A request body that has not fully arrived this long after the request began gets 408 and
     # its connection closed: a slow client cannot hold a connection open (README, Slow clients).
     body_timeout_s: float = 60
+    # Corrections from the page (README, "Improve it from use"): off unless FEEDBACK_DIR is set;
+    # FEEDBACK_MAX_MB caps what that folder may hold, after which corrections are refused.
+    feedback_dir: Path | None = None
+    feedback_max_mb: float = 500
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def feedback_max_bytes(self) -> int:
+        return int(self.feedback_max_mb * 1024 * 1024)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -113,4 +121,6 @@ class Settings:
             cors_origins=origins,
             shutdown_timeout_s=number("SHUTDOWN_TIMEOUT_S", defaults.shutdown_timeout_s, float, 0),
             body_timeout_s=number("BODY_TIMEOUT_S", defaults.body_timeout_s, float, 0.1),
+            feedback_dir=Path(get("FEEDBACK_DIR")) if get("FEEDBACK_DIR") else None,
+            feedback_max_mb=number("FEEDBACK_MAX_MB", defaults.feedback_max_mb, float, 0.001),
         )

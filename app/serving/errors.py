@@ -28,6 +28,10 @@ STATUSES = {
     "remote_timeout": 504,
     # app.serving.batcher.Overloaded
     "overloaded": 503,
+    # app.core.feedback.FeedbackError
+    "bad_label": 422,
+    "feedback_full": 507,
+    "feedback_unwritable": 507,
 }
 HEADERS = {"overloaded": {"Retry-After": "1"}}
 

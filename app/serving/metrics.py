@@ -26,6 +26,8 @@ class Metrics:
         self.model = Info("model", "The model being served", registry=r)
         self.reloads = Counter("model_reloads", "Model reloads asked for with SIGHUP, by result (switched, refused)",
                                ["result"], registry=r)
+        self.corrections = Counter("feedback_corrections", "Corrections kept (FEEDBACK_DIR), by the label chosen",
+                                   ["label"], registry=r)
 
     def observe_batch(self, size: int, waits: list[float], seconds: float) -> None:
         self.batch_size.observe(size)
