@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from pages import Page
 from support import CHROMIUM, CHROMIUM_ARGS, ROOT, AppProcess, LocalHTTPServer, make_dataset
 
 OUTPUT = ROOT / "test-output"
@@ -92,3 +93,24 @@ def server(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory):
                       "MAX_UPLOAD_MB": "2"}, log)
     yield app.wait_ready()
     app.stop()
+
+
+@pytest.fixture(scope="module")
+def screenshots(output_dir):
+    folder = output_dir / "screenshots"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def open_page(browser):
+    pages = []
+
+    def open_(base_url: str, **kwargs) -> Page:
+        page = Page(browser, base_url, **kwargs)
+        pages.append(page)
+        return page
+
+    yield open_
+    for page in pages:
+        page.close()
