@@ -18,14 +18,17 @@ function percent(p) {
 
 function describeDecision(item) {
   if (item.decision === "keep") return "Kept";
+  if (item.decision === "accept") return `Accepted into ${item.moved_to}`;
   if (item.decision === "reject") return "Rejected (moved to _rejected)";
   if (item.decision === "move") return `Moved to ${item.moved_to}`;
+  if (item.decision === "unfamiliar") return "Moved to _unfamiliar (none of the classes)";
   return "";
 }
 
 function showProgress(p) {
-  $("progress").textContent =
-    `Reviewed ${p.reviewed} of ${p.total} · ${p.kept} kept · ${p.moved} moved · ${p.rejected} rejected`;
+  const accepted = p.incoming ? ` · ${p.accepted} accepted` : "";
+  $("progress").textContent = `Reviewed ${p.reviewed} of ${p.total}${accepted} · ${p.kept} kept · ${p.moved} moved · ` +
+    `${p.rejected} rejected · ${p.unfamiliar} none of these`;
   $("flagged").textContent = `${p.flagged} of ${p.total} photos flagged as mislabeled, out of place or unreadable; ` +
     "they come first.";
 }
@@ -64,20 +67,30 @@ function fillCard(card, item) {
   body.replaceChildren();
   body.append(el("p", "file-name", item.file));
   const labels = el("p", "labels");
-  labels.append(el("span", "", `Folder: ${folderNow(item)}`));
-  if (item.predicted) labels.append(el("span", "", ` · looks like: ${item.predicted} (${percent(item.predicted_prob)})`));
+  if (item.incoming) {
+    card.classList.add("incoming");
+    labels.append(el("span", "", `Parent says: ${item.label} · model said: ${item.predicted} ` +
+      `(${percent(item.predicted_prob)})`));
+  } else {
+    labels.append(el("span", "", `Folder: ${folderNow(item)}`));
+    if (item.predicted) labels.append(el("span", "", ` · looks like: ${item.predicted} (${percent(item.predicted_prob)})`));
+  }
   body.append(labels, el("p", "why", item.reason));
   card.classList.toggle("decided", Boolean(item.decision));
   card.classList.toggle("reject", item.decision === "reject");
   if (item.decision) body.append(el("p", "decision", describeDecision(item)));
   const actions = el("div", "actions");
-  const keep = el("button", "button", "Keep");
+  const accepts = item.incoming && state.classes.includes(item.label) ? `Accept as ${item.label}` : "Accept";
+  const keep = el("button", "button", item.incoming ? `${accepts} (K)` : "Keep");
   keep.type = "button";
   keep.addEventListener("click", () => decide(item.id, "keep"));
   const reject = el("button", "button", "Reject");
   reject.type = "button";
   reject.addEventListener("click", () => decide(item.id, "reject"));
-  actions.append(keep, reject);
+  const none = el("button", "button", "None of these (N)");
+  none.type = "button";
+  none.addEventListener("click", () => decide(item.id, "unfamiliar"));
+  actions.append(keep, reject, none);
   const others = state.classes.map((c, i) => [c, i]).filter(([c]) => c !== currentClass(item));
   if (state.classes.length > SELECT_ABOVE) {
     const select = el("select");
@@ -191,6 +204,7 @@ function onKey(event) {
   else if (id === null) return;
   else if (key === "k") decide(id, "keep");
   else if (key === "r" || key === "delete") decide(id, "reject");
+  else if (key === "n") decide(id, "unfamiliar");
   else if (key === "o") window.open(withToken(`/photo/${id}`), "_blank", "noopener");
   else if (/^[1-9]$/.test(key) && state.classes[Number(key) - 1]) decide(id, "move", state.classes[Number(key) - 1]);
   else return;
@@ -209,7 +223,8 @@ async function init() {
   }
   state.classes = data.classes;
   state.items = data.items;
-  $("folder").textContent = `${data.data}: most suspicious first (classes: ${data.classes.join(", ")}).`;
+  const incoming = data.incoming ? `corrections sent from the page (${data.incoming}) first, then ` : "";
+  $("folder").textContent = `${data.data}: ${incoming}most suspicious first (classes: ${data.classes.join(", ")}).`;
   const list = $("items");
   const fragment = document.createDocumentFragment();
   for (const item of data.items) {

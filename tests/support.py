@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import secrets
 import signal
 import socket
 import struct
@@ -236,3 +237,46 @@ def drawn_teddy(size: int = 640) -> bytes:
         oval(box, colour)
     draw.arc(tuple(v * s for v in (285, 225, 355, 275)), 20, 160, fill=dark, width=max(1, int(5 * s)))
     return image_bytes(img.filter(ImageFilter.GaussianBlur(1.5 * s)), "JPEG", quality=92)
+
+
+# --- The review page of app.clean, in this process ------------------------------------------------
+
+
+class ReviewServer:
+    """`create_review_app` under a real uvicorn on a loopback port, in a thread."""
+
+    def __init__(self, data: Path, incoming: Path | None = None):
+        import uvicorn
+
+        from app.building.ranking import score_folder
+        from app.building.review_app import create_review_app
+
+        self.ranking = score_folder(data, threads=1)
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.token = secrets.token_urlsafe(16)
+        # What the page's script does: the token from its link on every request for data.
+        self.http = requests.Session()
+        self.http.headers["X-Review-Token"] = self.token
+        config = uvicorn.Config(create_review_app(data, self.ranking, self.token, "127.0.0.1", port, incoming),
+                                host="127.0.0.1", port=port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "review server did not start"
+            time.sleep(0.05)
+
+    def items(self) -> dict:
+        return self.http.get(self.url + "/api/items", timeout=10).json()
+
+    def decide(self, item_id, action: str, to: str | None = None) -> requests.Response:
+        return self.http.post(self.url + "/api/decide", json={"id": item_id, "action": action, "to": to}, timeout=10)
+
+    def undo(self) -> requests.Response:
+        return self.http.post(self.url + "/api/undo", timeout=10)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import random
-import secrets
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from support import (
     CLASS_COLOURS,
     NO_BEARS,
     ROOT,
+    ReviewServer,
     axe_serious_violations,
     free_port,
     make_dataset,
@@ -31,7 +31,7 @@ from support import (
 
 from app.building.ranking import score_folder
 from app.building.review import LOG_NAME, free_name
-from app.building.review_app import THUMBNAIL_PX, create_review_app
+from app.building.review_app import THUMBNAIL_PX
 
 NOT_BEARS = ROOT.parent / "shared" / "data" / "not-bears"
 
@@ -132,45 +132,6 @@ def test_undecodable_photos_are_listed_first_not_a_crash(noisy_colours):
 # --- The review API ------------------------------------------------------------------------------
 
 
-class ReviewServer:
-    """`create_review_app` under a real uvicorn on a loopback port, in a thread."""
-
-    def __init__(self, data: Path):
-        import threading
-
-        import uvicorn
-
-        self.ranking = score_folder(data, threads=1)
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.token = secrets.token_urlsafe(16)
-        # What the page's script does: the token from its link on every request for data.
-        self.http = requests.Session()
-        self.http.headers["X-Review-Token"] = self.token
-        config = uvicorn.Config(create_review_app(data, self.ranking, self.token, "127.0.0.1", port),
-                                host="127.0.0.1", port=port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "review server did not start"
-            time.sleep(0.05)
-
-    def items(self) -> dict:
-        return self.http.get(self.url + "/api/items", timeout=10).json()
-
-    def decide(self, item_id, action: str, to: str | None = None) -> requests.Response:
-        return self.http.post(self.url + "/api/decide", json={"id": item_id, "action": action, "to": to}, timeout=10)
-
-    def undo(self) -> requests.Response:
-        return self.http.post(self.url + "/api/undo", timeout=10)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
 @pytest.fixture
 def review(noisy_colours):
     data, _ = noisy_colours
@@ -200,7 +161,8 @@ def test_reject_move_keep_undo_and_the_log(review):
     assert (data / "_rejected" / "greens" / "board.png").read_bytes() == b"an earlier reject"
     kept = server.decide(find(listing, "reds/0.jpg")["id"], "keep").json()
     progress = {k: v for k, v in kept["progress"].items() if k != "flagged"}
-    assert progress == {"reviewed": 3, "total": 48, "kept": 1, "moved": 1, "rejected": 1}
+    assert progress == {"reviewed": 3, "total": 48, "kept": 1, "moved": 1, "rejected": 1, "accepted": 0,
+                        "unfamiliar": 0, "incoming": 0}
 
     assert server.undo().json()["item"]["decision"] is None  # the keep
     undone = server.undo().json()["item"]  # the reject: the photo comes back
@@ -227,7 +189,7 @@ def test_a_restarted_review_shows_what_was_decided_and_can_undo_it(noisy_colours
         listing = second.items()
         flagged = sum(item["flagged"] for item in listing["items"])
         assert listing["progress"] == {"reviewed": 3, "total": 48, "kept": 1, "moved": 1, "rejected": 1,
-                                       "flagged": flagged}
+                                       "accepted": 0, "unfamiliar": 0, "incoming": 0, "flagged": flagged}
         assert find(listing, "reds/red-1.jpg")["decision"] == "move"
         assert find(listing, "_rejected/greens/board.png")["decision"] == "reject"
         assert find(listing, "blues/3.jpg")["decision"] == "keep"

@@ -18,7 +18,7 @@ import requests
 from PIL import ExifTags, Image, ImageCms
 from support import ROOT, AppProcess, image_bytes, synthetic_image
 
-NAME = re.compile(r"^feedback-\d{8}T\d{6}Z-[0-9a-f]{8}$")
+NAME = re.compile(r"^feedback-\d{8}T\d{12}Z-[0-9a-f]{8}$")
 SECRETS = (b"SecretCam", b"secret-comment", b"secretxmp")
 
 

@@ -14,6 +14,8 @@ from app.core.formats import READ_SUFFIXES, REFUSED_SUFFIXES
 IMAGE_SUFFIXES = READ_SUFFIXES | REFUSED_SUFFIXES
 # Where `app.train` and `app.clean` move photos that must not be trained on; never a class.
 REJECTED_DIR = "_rejected"
+# Where `app.clean` puts photos of none of the classes: the folder to give `--unfamiliar`.
+UNFAMILIAR_DIR = "_unfamiliar"
 
 
 def find_classes(data: Path) -> list[str]:

@@ -107,8 +107,8 @@ async def json_body(request: Request) -> dict[str, Any]:
 
 
 def create_review_app(data: Path, ranking: Ranking, token: str, host: str = "127.0.0.1",
-                      port: int = 8001) -> Starlette:
-    review = Review(data, ranking)
+                      port: int = 8001, incoming: Path | None = None) -> Starlette:
+    review = Review(data, ranking, incoming)
     lock = asyncio.Lock()  # one decision at a time: each reads and changes the same folders
 
     @lru_cache(maxsize=4096)
@@ -121,7 +121,7 @@ def create_review_app(data: Path, ranking: Ranking, token: str, host: str = "127
 
     def photo_path(request: Request) -> Path:
         item = review.item(request.path_params["id"])
-        path = review.data / item.file
+        path = review.path_of(item.file)
         if not path.is_file():
             raise ApiError(404, "photo_gone", f"{item.file} is no longer in the data folder.")
         return path
@@ -131,6 +131,7 @@ def create_review_app(data: Path, ranking: Ranking, token: str, host: str = "127
 
     async def items(request: Request) -> JSONResponse:
         return JSONResponse({"classes": review.classes, "data": str(review.data),
+                             "incoming": str(review.incoming) if review.incoming else None,
                              "items": [item.public() for item in review.items], "progress": review.progress()})
 
     async def thumb(request: Request) -> Response:
@@ -180,11 +181,11 @@ def bind(host: str, port: int) -> socket.socket:
                          "(or --host)") from None
 
 
-def serve(data: Path, ranking: Ranking, sock: socket.socket) -> int:
+def serve(data: Path, ranking: Ranking, sock: socket.socket, incoming: Path | None = None) -> int:
     host, port = sock.getsockname()[:2]
     sock.listen(128)  # the printed link works at once
     token = secrets.token_urlsafe(24)
-    app = create_review_app(data, ranking, token, host, port)
+    app = create_review_app(data, ranking, token, host, port, incoming)
     shown = f"[{host}]" if ":" in host else host
     print(f"review the photos at http://{shown}:{port}/?token={token}  (Ctrl+C to stop; decisions are saved "
           "as you go)", flush=True)

@@ -80,7 +80,9 @@ def folder_bytes(folder: Path) -> int:
 
 
 def new_name(now: float) -> str:
-    return f"{NAME_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now))}-{secrets.token_hex(4)}"
+    """`feedback-<UTC time to the microsecond>-<random>`: names sort in the order kept."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now * 1e6) % 1_000_000:06d}Z"
+    return f"{NAME_PREFIX}{stamp}-{secrets.token_hex(4)}"
 
 
 class FeedbackStore:
@@ -122,9 +124,10 @@ class FeedbackStore:
             return correction
 
 
-def read_corrections(folder: Path) -> list[Correction]:
-    """The corrections whose photo is still in `folder` (not yet reviewed), oldest first. A record
-    that cannot be read (hand-edited, half-copied) is passed over, not fatal."""
+def read_corrections(folder: Path, pending: bool = True) -> list[Correction]:
+    """The corrections kept in `folder`, oldest first; `pending`: only those whose photo is still
+    there (not reviewed yet). A record that cannot be read (hand-edited, half-copied) is passed
+    over, not fatal."""
     corrections = []
     for record in sorted(folder.glob(f"{NAME_PREFIX}*{RECORD_SUFFIX}")):
         try:
@@ -133,7 +136,7 @@ def read_corrections(folder: Path) -> list[Correction]:
         except (OSError, ValueError, TypeError):
             continue
         # The photo named by the record must be the one beside it, never a path elsewhere.
-        if correction.photo == record.stem + PHOTO_SUFFIX and (folder / correction.photo).is_file():
+        if correction.photo == record.stem + PHOTO_SUFFIX and (not pending or (folder / correction.photo).is_file()):
             corrections.append(correction)
     return corrections
 
