@@ -80,6 +80,29 @@ def test_off_by_default_the_route_is_404_and_the_page_is_told(server):
     assert resp.json()["error"]["code"] == "feedback_off"
 
 
+def test_off_a_server_writes_no_photo_anywhere(model_copy, tmp_path):
+    """Without FEEDBACK_DIR, corrections and uploads leave every folder the server may write to (its
+    model folder, home, temporary and cache folders) exactly as they were once it was ready."""
+    home, temp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir(), temp.mkdir()
+    app = AppProcess({"MODEL_PATH": str(model_copy), "HOME": str(home), "TMPDIR": str(temp),
+                      "XDG_CACHE_HOME": str(home / ".cache")}, tmp_path / "server.log").wait_ready()
+    try:
+        def snapshot() -> dict[str, tuple[int, int]]:
+            return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")
+                    if p.is_file() and p.name != "server.log"}
+
+        before = snapshot()
+        photo = photo_with_metadata()
+        for _ in range(3):
+            assert send(app, "reds", photo).status_code == 404
+            assert requests.post(app.url + "/upload", files={"file": ("a.jpg", photo)}).status_code == 200
+        assert snapshot() == before
+        assert not any(secret in Path(p).read_bytes() for p in before for secret in SECRETS)
+    finally:
+        app.stop()
+
+
 def test_classifying_keeps_nothing_even_when_corrections_are_on(feedback_server):
     clear(feedback_server.folder)
     assert requests.get(feedback_server.url + "/model").json()["feedback"] is True
