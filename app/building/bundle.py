@@ -29,6 +29,7 @@ from app.core.preprocess import FastPreprocess
 from app.core.runner import ACTIVATIONS, Predictor
 from app.learner.compile import build_predictor, sample_image
 from app.learner.loading import LoadedModel, load_learner_from
+from app.learner.reproduce import input_mode
 
 # Largest probability difference from learn.predict a bundle may show (the JPEG draft decoding of
 # a 12 MP photo moves probabilities by about 1e-5; README, Performance).
@@ -47,7 +48,10 @@ def generated_images() -> list[Image.Image]:
 
 
 def _learner_probs(learn: Any, images: list[Image.Image]) -> np.ndarray:
-    """learn.predict's probabilities for each image (its get_preds on a test set, in batches)."""
+    """learn.predict's probabilities for each image (its get_preds on a test set, in batches), each
+    image first in the mode fastai opens a photo file in for this learner (grayscale for PILImageBW)."""
+    mode = input_mode(learn)
+    images = [img if img.mode == mode else img.convert(mode) for img in images]
     out = []
     with learn.no_bar():
         for start in range(0, len(images), BATCH):
@@ -70,16 +74,23 @@ def measure_parity(model: LoadedModel, predictor: Predictor, files: list[Path]) 
     """The largest difference between the predictor's probabilities and learn.predict's."""
     worst, disagreements, photos = 0.0, 0, 0
     generated = generated_images()
-    chunks: list[tuple[list[np.ndarray], list[Image.Image]]] = [
-        ([predictor.prepare(img) for img in generated], generated)]
+    chunks: list[tuple[list[np.ndarray], list[Image.Image]]] = []
     pending: tuple[list[np.ndarray], list[Image.Image]] = ([], [])
-    for data, image in _photos(files):
-        pending[0].append(prepare_image(data, predictor))
-        pending[1].append(image)
-        photos += 1
-        if len(pending[1]) == BATCH:
+
+    def add(array: np.ndarray, image: Image.Image) -> None:
+        nonlocal pending
+        # A batch holds inputs of one shape: a model without a Resize takes each image at its size.
+        if pending[0] and (array.shape != pending[0][0].shape or len(pending[0]) == BATCH):
             chunks.append(pending)
             pending = ([], [])
+        pending[0].append(array)
+        pending[1].append(image)
+
+    for image in generated:
+        add(predictor.prepare(image), image)
+    for data, image in _photos(files):
+        add(prepare_image(data, predictor), image)
+        photos += 1
     chunks.append(pending)
     for inputs, images in chunks:
         if not images:
@@ -92,12 +103,14 @@ def measure_parity(model: LoadedModel, predictor: Predictor, files: list[Path]) 
             "max_abs_diff": worst, "top_class_disagreements": disagreements, "tolerance": PARITY_TOLERANCE}
 
 
-def compile_bundle(export: Path, out: Path, check_files: list[Path], threads: int) -> BundleManifest:
+def compile_bundle(export: Path, out: Path, check_files: list[Path], threads: int,
+                   code: Path | None = None) -> BundleManifest:
     """Compile `export` into the bundle folder `out` (created; files in it are replaced), checking it
-    against the learner on generated images and on `check_files`; `ModelLoadError` if it cannot be."""
+    against the learner on generated images and on `check_files`; `ModelLoadError` if it cannot be.
+    `code`: a Python file defining the functions the export refers to (`app.learner.code`)."""
     file = open_model_file(export)
     detector = load_detector(file)
-    model = load_learner_from(file)
+    model = load_learner_from(file, code)
     with_features = detector is not None
     out.mkdir(parents=True, exist_ok=True)
     for name in (MANIFEST_NAME, MODEL_NAME):  # an unfinished bundle is never taken for a whole one
@@ -122,6 +135,6 @@ def compile_bundle(export: Path, out: Path, check_files: list[Path], threads: in
         classes=model.vocab, preprocess=predictor.prepare.spec(), activation=predictor.activation,
         outputs=["logits", "features"] if with_features else ["logits"],
         source={"file": export.name, "sha256": file.sha256}, versions=installed_versions(), parity=parity,
-        files=files, card=file.card)
+        files=files, card=file.card, threshold=predictor.threshold)
     write_manifest(out, manifest)
     return manifest

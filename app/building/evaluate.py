@@ -61,9 +61,6 @@ def format_report(report: dict[str, Any]) -> str:
 # --- Command line --------------------------------------------------------------------------------
 
 
-# --- Command line --------------------------------------------------------------------------------
-
-
 NOT_AS_GOOD = 1  # the exit status when --model is not as good as --compare
 
 
@@ -77,12 +74,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="compare --model with this export (the one in service); exit 1 if it is not as good")
     p.add_argument("--sheet", type=Path, metavar="FILE.png",
                    help="with --compare: draw the photos the two models answer differently")
+    p.add_argument("--code", type=Path, metavar="FILE.py",
+                   help="a Python file defining the functions the exports refer to (as MODEL_CODE does)")
     add_threads(p, "inference")
     return p.parse_args(argv)
 
 
-def load_model(model_path: Path, threads: int,
-               with_features: bool | None = None) -> tuple[Predictor, Detector | None, LoadedModel]:
+def load_model(model_path: Path, threads: int, with_features: bool | None = None,
+               code: Path | None = None) -> tuple[Predictor, Detector | None, LoadedModel]:
     """The predictor and detector the server would build for this export (its self-check included),
     and the learner. `with_features=True` makes the predictor output the pooled features even when
     the export has no detector (to compare detectors on it)."""
@@ -92,12 +91,15 @@ def load_model(model_path: Path, threads: int,
     try:
         file = open_model_file(model_path)
         detector = load_detector(file)
-        model = load_learner_from(file)
+        model = load_learner_from(file, code)
         features = detector is not None if with_features is None else with_features
         predictor = build_predictor(model.learn, threads, "auto", features,
                                     onnx_cache_path(file.path, file.sha256, features))
     except ModelLoadError as exc:
         raise UsageError(str(exc)) from None
+    if predictor.threshold is not None:
+        raise UsageError(f"{model_path} is a multi-label model: app.evaluate measures single-label classifiers "
+                         "(one class folder per photo)")
     return predictor, detector, model
 
 
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def report_on(model_path: Path) -> dict[str, Any]:
-        predictor, detector, model = load_model(model_path, threads_or_all(args.threads))
+        predictor, detector, model = load_model(model_path, threads_or_all(args.threads), code=args.code)
         return evaluate(predictor, detector, model.vocab, args.data, args.unfamiliar)
 
     def run() -> int:

@@ -48,10 +48,13 @@ def run_over_files(files: Iterable[Path], prepare: Callable[[bytes], np.ndarray]
 
     for path in files:
         try:
-            pending.append(prepare(path.read_bytes()))
+            array = prepare(path.read_bytes())
         except (ImageError, OSError):
             failed.append(path)
             continue
+        if pending and array.shape != pending[0].shape:
+            flush()  # a model without a Resize: a batch holds photos of one size only
+        pending.append(array)
         kept.append(path)
         if len(pending) == batch_size:
             flush()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from app.building.datasets import image_files, require_classes
 from app.building.measure import run_over_files
 from app.building.recipe import make_dataloaders, new_learner
 from app.core.detector import DEFAULT_K, knn_similarity, l2_normalised
-from app.core.files import private_temp_dir, sha256_file, writable, write_atomically
+from app.core.files import sha256_file, user_cache_dir, write_atomically
 from app.core.images import ImageError, decode_image
 from app.learner.compile import torch_runner
 from app.learner.features import with_features
@@ -66,10 +65,7 @@ class Suspect:
 
 def cache_path() -> Path:
     """Where features are kept between runs: the user's cache folder (DATA may be read-only)."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cuddle-or-not"
-    if not writable(base):
-        base = private_temp_dir() or base
-    return base / f"clean-features-{BACKBONE}-{SIZE}.npz"
+    return user_cache_dir() / f"clean-features-{BACKBONE}-{SIZE}.npz"
 
 
 def load_cache(path: Path) -> dict[str, np.ndarray]:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from PIL import Image
 
 from app.core.detector import Detector, DetectorError
 from app.core.files import sha256_file, write_atomically
@@ -42,6 +42,7 @@ class BundleManifest:
     parity: dict[str, Any]  # largest probability difference against learn.predict, on which photos
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
     card: dict[str, Any] | None = None  # the export's model card, when it had one
+    threshold: float | None = None  # a multi-label model's decision threshold (`Predictor.threshold`)
     format: int = BUNDLE_FORMAT
 
     @property
@@ -103,8 +104,9 @@ def _check_files(folder: Path, manifest: BundleManifest) -> None:
 
 def _probe(folder: Path, manifest: BundleManifest, prepare: FastPreprocess, predictor: Predictor,
            detector: Detector | None) -> None:
-    """One forward pass of a blank image: the outputs must fit the classes and the detector."""
-    probe = np.zeros((1, 3, *reversed(prepare.resize.size)), np.float32)
+    """One forward pass of a blank image (as the preprocessing makes it, so of the model's size and
+    channels): the outputs must fit the classes and the detector."""
+    probe = prepare(Image.new("RGB", (64, 48)))[None]
     try:
         probs, features = predictor.infer(probe)
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types on a graph that does not fit
@@ -142,6 +144,6 @@ def load_bundle(folder: Path, threads: int) -> LoadedBundle:
     predictor = Predictor(prepare=prepare, infer=inference(run, ACTIVATIONS[manifest.activation]), backend="onnx",
                           preprocessing="pillow-numpy", draft_size=prepare.draft_size,
                           activation="softmax" if manifest.activation == "softmax" else "sigmoid",
-                          onnx_path=folder / MODEL_NAME)
+                          onnx_path=folder / MODEL_NAME, threshold=manifest.threshold)
     _probe(folder, manifest, prepare, predictor, detector)
     return LoadedBundle(ModelFile(folder, manifest.source_sha256, manifest.card), manifest, predictor, detector)

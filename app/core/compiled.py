@@ -42,11 +42,13 @@ class Manifest:
     activation: str
     versions: dict[str, str]
     features: bool = False  # the ONNX graph also outputs the detector's pooled features
+    threshold: float | None = None  # a multi-label model's decision threshold (`Predictor.threshold`)
     format: int = MANIFEST_FORMAT
 
     def serves_like(self, other: Manifest) -> bool:
         """Would both manifests give the same answers? (The ONNX bytes may differ between exports.)"""
-        return (self.vocab, self.preprocess, self.activation) == (other.vocab, other.preprocess, other.activation)
+        return ((self.vocab, self.preprocess, self.activation, self.threshold)
+                == (other.vocab, other.preprocess, other.activation, other.threshold))
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ def manifest_for(file: ModelFile, predictor: Predictor, vocab: list[str], with_f
         return None
     return Manifest(export_sha256=file.sha256, onnx_sha256=sha256_file(predictor.onnx_path), vocab=list(vocab),
                     preprocess=predictor.prepare.spec(), activation=predictor.activation,
-                    versions=installed_versions(), features=with_features)
+                    versions=installed_versions(), features=with_features, threshold=predictor.threshold)
 
 
 def save_manifest(onnx_path: Path, manifest: Manifest) -> None:
@@ -151,5 +153,6 @@ def _load_compiled_from(folder: Path, file: ModelFile, threads: int, with_featur
         return None
 
     predictor = Predictor(prepare=prepare, infer=inference(run, to_probs), backend="onnx", preprocessing="pillow-numpy",
-                          draft_size=prepare.draft_size, activation=manifest.activation, onnx_path=onnx_path)
+                          draft_size=prepare.draft_size, activation=manifest.activation, onnx_path=onnx_path,
+                          threshold=manifest.threshold)
     return CompiledModel(predictor, list(manifest.vocab), manifest)

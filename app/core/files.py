@@ -44,6 +44,13 @@ def writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
 
+def user_cache_dir() -> Path:
+    """This project's folder in the user's cache (`$XDG_CACHE_HOME/cuddle-or-not`, by default
+    `~/.cache/cuddle-or-not`), or a private temporary folder where that cannot be written."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cuddle-or-not"
+    return base if writable(base) else private_temp_dir() or base
+
+
 def private_temp_dir(name: str = "cuddle-or-not") -> Path | None:
     """A folder of this user's own in the temporary directory (0700, so that no other local user
     can plant files there), or None if there is none to be had."""

@@ -1,5 +1,6 @@
-"""A model file on disk, checked before anything unpickles it: present, a file, not an HTML page
-or a Git LFS pointer, not a bare state dict or torch model, and the expected sha256.
+"""A model file on disk, checked before anything unpickles it: present, a file, not an HTML page,
+a Git LFS pointer or a truncated archive, not a bare state dict or torch model, an image
+classifier's export of a fastai this server loads (`app.core.export_kind`), and the expected sha256.
 
 Every failure is a `ModelLoadError` whose message is the one line an operator needs: what the file
 is and what to do. Nothing here runs the file's code: pickles are read opcode by opcode only.
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.core.export_kind import before_2_8, export_kind, installed_fastai, old_fastai_message
 from app.core.files import sha256_file
 
 # torch.save() writes a zip archive; very old exports are a bare pickle stream (protocol >= 2).
@@ -67,8 +69,10 @@ def _missing(path: Path) -> ModelLoadError:
 
 
 def pickle_names(path: Path, limit: int = 1 << 22) -> set[str] | None:
-    """The strings a torch zip archive's pickle mentions (module and class names among them),
-    read without unpickling; None if it is not such an archive. `limit` bounds the bytes read."""
+    """The globals a torch zip archive's pickle imports (each as `module`, `name` and
+    `module.name`), read opcode by opcode without unpickling; None if it is not such an archive.
+    Only imports count: docstrings and other strings in the pickle are not names. `limit` bounds
+    the bytes read."""
     try:
         with zipfile.ZipFile(path) as archive:
             name = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
@@ -76,16 +80,51 @@ def pickle_names(path: Path, limit: int = 1 << 22) -> set[str] | None:
                 return None
             with archive.open(name) as f:
                 data = f.read(limit)
-        # GLOBAL's argument is "module name" in one string; STACK_GLOBAL pushes the two separately.
-        return {part for _, arg, _ in pickletools.genops(data) if isinstance(arg, str) for part in arg.split(" ")}
+        return {part for module, qualname in _imports(data) for part in (module, qualname, f"{module}.{qualname}")}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
         return None
 
 
+def _imports(data: bytes) -> list[tuple[str, str]]:
+    """(module, name) of every GLOBAL and STACK_GLOBAL opcode; the latter takes the two strings
+    pushed before it, directly or from the memo."""
+    found: list[tuple[str, str]] = []
+    strings: list[str | None] = []
+    memo: dict[int, str | None] = {}
+    for opcode, arg, _ in pickletools.genops(data):
+        name = opcode.name
+        if name == "GLOBAL":
+            module, _, qualname = str(arg).partition(" ")
+            found.append((module, qualname))
+        elif name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
+            strings.append(arg)
+        elif name in ("BINGET", "LONG_BINGET", "GET"):
+            strings.append(memo.get(int(arg)))
+        elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+            memo[int(arg)] = strings[-1] if strings else None
+        elif name == "MEMOIZE":
+            memo[len(memo)] = strings[-1] if strings else None
+        elif name == "STACK_GLOBAL" and len(strings) >= 2 and None not in strings[-2:]:
+            found.append((str(strings[-2]), str(strings[-1])))
+        if name not in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "BINGET", "LONG_BINGET", "GET",
+                        "BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE"):
+            strings.clear()  # only strings pushed right before STACK_GLOBAL name what it imports
+    return found
+
+
 def _not_an_export(path: Path) -> ModelLoadError | None:
-    """The classic lesson-2 confusions: weights saved instead of an exported learner."""
+    """The classic lesson-2 confusions (weights saved instead of an exported learner), learners
+    for other tasks than classifying images, and exports of a fastai this server cannot load."""
     names = pickle_names(path)
-    if names is None or "fastai.learner" in names:
+    if names is None:
+        return None
+    if "fastai.learner" in names:
+        kind = export_kind(names)
+        if kind.refusal is not None:
+            return ModelLoadError(f"{path} is {kind.refusal}")
+        installed = installed_fastai()
+        if kind.made_before_2_8 and (installed is None or not before_2_8(installed)):
+            return ModelLoadError(old_fastai_message(path, installed))
         return None
     if "fastai.basic_train" in names:
         return ModelLoadError(f"{path} is a fastai v1 export (fastai.basic_train.Learner): only fastai 2 exports "
@@ -113,6 +152,9 @@ def check_model_file(path: Path, expected_sha256: str | None) -> str:
                              "repository (or download the file directly)")
     if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)):
         raise ModelLoadError(f"{path} is not a fastai export (not a torch pickle): create it with learn.export()")
+    if head.startswith(_ZIP_MAGIC) and not zipfile.is_zipfile(path):
+        raise ModelLoadError(f"{path} is truncated or corrupt (its zip archive has no end): copy or download it "
+                             "again, and compare its sha256 with the original's")
     wrong_kind = _not_an_export(path) if head.startswith(_ZIP_MAGIC) else None
     if wrong_kind is not None:
         raise wrong_kind

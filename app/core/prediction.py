@@ -29,8 +29,13 @@ class Outcome:
     probs: np.ndarray
     unfamiliar: bool | None = None
 
-    def to_json(self, vocab: list[str]) -> dict[str, Any]:
+    def to_json(self, vocab: list[str], threshold: float | None = None) -> dict[str, Any]:
+        """The API's answer. With a multi-label `threshold`, also the classes above it (in vocab
+        order, as learn.predict decodes them) and the threshold itself."""
         body: dict[str, Any] = {"predictions": ranked(vocab, self.probs)}
+        if threshold is not None:
+            body["labels"] = [label for label, p in zip(vocab, self.probs, strict=True) if float(p) > threshold]
+            body["threshold"] = threshold
         if self.unfamiliar is not None:
             body["unfamiliar"] = self.unfamiliar
         return body

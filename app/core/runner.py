@@ -41,6 +41,9 @@ class Predictor:
     draft_size: tuple[int, int] | None  # JPEG draft decoding for this preprocessing, if it allows it
     activation: Activation = "custom"
     onnx_path: Path | None = None  # the compiled model file, when it outlives this process
+    # A multi-label model's decision threshold (its loss function's, as learn.predict decodes
+    # with it): every class whose probability is above it is in the answer. None: single-label.
+    threshold: float | None = None
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -6,8 +6,9 @@ learner, builds the fast predictor, checks it against the learner, records the p
 to the compiled model (`app.core.compiled`), prints one JSON line and exits. The server then serves
 the recorded compiled model. Its argument is one JSON object:
 `{"model": PATH, "sha256": HEX, "cache_dir": PATH, "threads": N, "backend": "auto", "with_features": BOOL,
-"log_level": "info", "log_format": "text"}`; its answer `{"manifest": {...} or null, "error": null or
-"one line"}` (no manifest: this model needs torch or fastai to serve, so the server loads it itself).
+"code": PATH or null, "log_level": "info", "log_format": "text"}`; its answer
+`{"manifest": {...} or null, "error": null or "one line"}` (no manifest: this model needs torch or
+fastai to serve, so the server loads it itself).
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ def checked_predictor(model: LoadedModel, threads: int, backend: BackendChoice, 
 
 
 def check_and_record(file: ModelFile, threads: int, backend: BackendChoice, with_features: bool,
-                     cache_dir: Path | None) -> Manifest | None:
+                     cache_dir: Path | None, code: Path | None = None) -> Manifest | None:
     """Load the learner, check the fast predictor against it, record the check; the record, or None
     if the predictor needs torch or fastai to run."""
-    return checked_predictor(load_learner_from(file), threads, backend, with_features, cache_dir)[1]
+    return checked_predictor(load_learner_from(file, code), threads, backend, with_features, cache_dir)[1]
 
 
 def run(request: dict[str, Any]) -> dict[str, Any]:
@@ -53,7 +54,8 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     cache_dir = Path(request["cache_dir"]) if request.get("cache_dir") else None
     try:
         manifest = check_and_record(file, int(request["threads"]), request["backend"],
-                                    bool(request["with_features"]), cache_dir)
+                                    bool(request["with_features"]), cache_dir,
+                                    Path(request["code"]) if request.get("code") else None)
     except ModelLoadError as exc:
         return {"manifest": None, "error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - any failure is reported in one line, never a traceback

@@ -24,7 +24,7 @@ from app.core.files import write_atomically
 from app.core.model_file import ModelLoadError
 from app.core.runner import Backend, BackendChoice, Predictor, Preprocess, Runner, inference, onnx_runner
 from app.learner.features import with_features as split_features
-from app.learner.reproduce import activation, fast_preprocess_from, fastai_preprocess
+from app.learner.reproduce import activation, decision_threshold, fast_preprocess_from, fastai_preprocess
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +48,23 @@ def torch_runner(model: Any, threads: int) -> Runner:
     return run
 
 
-def export_onnx(model: Any, sample: np.ndarray, dest: Path, with_features: bool = False) -> None:
+def export_onnx(model: Any, sample: np.ndarray, dest: Path, with_features: bool = False,
+                any_size: bool = False) -> None:
     """Export to ONNX with a dynamic batch axis, written atomically to `dest`. With `with_features`,
-    `model` is an `app.learner.features` wrapper and the graph has a second output."""
+    `model` is an `app.learner.features` wrapper and the graph has a second output. With `any_size`,
+    height and width are dynamic too (a model without a Resize takes photos at their own size)."""
     import torch
 
     outputs = ["logits", "features"] if with_features else ["logits"]
+    axes = {name: {0: "batch"} for name in ["input", *outputs]}
+    if any_size:
+        axes["input"] = {0: "batch", 2: "height", 3: "width"}
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
             model.eval(), (torch.from_numpy(sample),), buffer, input_names=["input"], output_names=outputs,
-            dynamic_axes={name: {0: "batch"} for name in ["input", *outputs]}, opset_version=17, dynamo=False,
+            dynamic_axes=axes, opset_version=17, dynamo=False,
         )
     write_atomically(dest, buffer.getvalue())
 
@@ -95,6 +100,12 @@ def build_predictor(learn: Any, threads: int, backend: BackendChoice = "auto", w
         log.info("using fastai preprocessing: %s", why)
         prepare, preprocessing, draft = reference, "fastai", None
 
+    # A learner without a Resize gives inputs of each photo's own size: its graph must take any size,
+    # and is checked at two sizes.
+    other_input = reference(img.resize((img.width // 2 + 17, img.height // 2 + 5)))
+    any_size = other_input.shape != expected_input.shape
+    checks = [expected_input[None], *([other_input[None]] if any_size else [])]
+
     model = learn.model.eval()
     if with_features:
         model = split_features(model)
@@ -103,13 +114,12 @@ def build_predictor(learn: Any, threads: int, backend: BackendChoice = "auto", w
                                  "model (body, then a head that pools and flattens): remove the detector file")
     activation_name, to_probs = activation(learn)
     torch_run = torch_runner(model, threads)
-    batch = expected_input[None]
-    expected = torch_run(batch)
     run, used, kept_at = torch_run, "torch", None
     if backend in ("auto", "onnx"):
         try:
-            run, kept_at = _onnx_with_cache(model, batch, onnx_path, threads, with_features, require_file)
-            diff = max(float(np.abs(got - want).max()) for got, want in zip(run(batch), expected, strict=True))
+            run, kept_at = _onnx_with_cache(model, checks, onnx_path, threads, with_features, require_file, any_size)
+            diff = max(float(np.abs(got - want).max())
+                       for check in checks for got, want in zip(run(check), torch_run(check), strict=True))
             if diff > ONNX_TOLERANCE:
                 raise ValueError(f"ONNX output differs from torch by {diff:.2g}")
             used = "onnx"
@@ -124,20 +134,25 @@ def build_predictor(learn: Any, threads: int, backend: BackendChoice = "auto", w
 
     backend_used: Backend = "onnx" if used == "onnx" else "torch"
     return Predictor(prepare=prepare, infer=inference(run, to_probs), backend=backend_used,
-                     preprocessing=preprocessing, draft_size=draft, activation=activation_name, onnx_path=kept_at)
+                     preprocessing=preprocessing, draft_size=draft, activation=activation_name, onnx_path=kept_at,
+                     threshold=decision_threshold(learn, activation_name))
 
 
-def _onnx_with_cache(model: Any, batch: np.ndarray, cache: Path | None, threads: int, with_features: bool,
-                     require_file: bool) -> tuple[Runner, Path | None]:
+def _onnx_with_cache(model: Any, checks: list[np.ndarray], cache: Path | None, threads: int, with_features: bool,
+                     require_file: bool, any_size: bool) -> tuple[Runner, Path | None]:
     """An ONNX Runtime runner and the file it was loaded from (None if it could not be kept)."""
+    batch = checks[0]
     if cache is not None and cache.exists():
         try:
-            return onnx_runner(cache, threads), cache
-        except Exception as exc:  # unreadable or truncated cache: rebuild it below
-            log.warning("ignoring unreadable ONNX cache %s (%s)", cache, exc)
+            cached = onnx_runner(cache, threads)
+            for check in checks:
+                cached(check)  # a graph compiled for one size must not serve a model that takes any
+            return cached, cache
+        except Exception as exc:  # unreadable, truncated or of fixed size: rebuild it below
+            log.warning("ignoring unusable ONNX cache %s (%s)", cache, exc)
     if cache is not None:
         try:
-            export_onnx(model, batch, cache, with_features)
+            export_onnx(model, batch, cache, with_features, any_size)
             log.info("compiled model to %s", cache)
             return onnx_runner(cache, threads), cache
         except OSError:
@@ -146,6 +161,6 @@ def _onnx_with_cache(model: Any, batch: np.ndarray, cache: Path | None, threads:
             # A read-only cache folder: compile for this process only, below.
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        export_onnx(model, batch, path, with_features)
+        export_onnx(model, batch, path, with_features, any_size)
         return onnx_runner(path, threads), None
 

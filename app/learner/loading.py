@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import logging
+import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from app.core.model_file import ModelFile, ModelLoadError
+from app.learner.code import provide
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +57,26 @@ def load_learner_checked(path: Path, card: dict[str, Any] | None) -> Any:
         raise ModelLoadError(
             f"{path} needs the module {exc.name!r}, which is not installed here ({_version_hint(card)}): if it "
             f"is a package, pip install {top} (the version the model was trained with); if it holds the export's "
-            "own functions, make it importable (PYTHONPATH); if it belongs to another fastai or torch, install "
-            "the versions the model was trained with") from None
-    except (AttributeError, ImportError, TypeError) as exc:
+            f"own functions ({exc.name}.py beside the notebook), set MODEL_CODE to that file (or make it importable: "
+            "PYTHONPATH); if it belongs to another fastai or torch, install the versions the model was trained "
+            "with") from None
+    except AttributeError as exc:
+        missing = re.search(r"Can't get attribute '([^']+)' on <module '([^']+)'", str(exc))
+        if missing:
+            name, module = missing.groups()
+            # Python names __main__ by its spec: `python -m app.compile` shows it as app.compile.
+            main_spec = getattr(sys.modules["__main__"], "__spec__", None)
+            in_main = module in ("__main__", getattr(main_spec, "name", None))
+            where = "the notebook that trained it (__main__)" if in_main else f"the module {module}"
+            raise ModelLoadError(
+                f"{path} refers to {name}, defined in {where}: put that definition in a Python file and set "
+                "MODEL_CODE=that-file.py (--code for app.compile and app.evaluate)") from None
+        raise ModelLoadError(
+            f"{path} could not be unpickled ({type(exc).__name__}: {exc}): the export needs code or "
+            f"versions this server lacks ({_version_hint(card)}); install the fastai and torch versions "
+            "it was trained with, and make any custom functions it uses importable (MODEL_CODE)"
+        ) from None
+    except (ImportError, TypeError) as exc:
         raise ModelLoadError(
             f"{path} could not be unpickled ({type(exc).__name__}: {exc}): the export needs code or "
             f"versions this server lacks ({_version_hint(card)}); install the fastai and torch versions "
@@ -88,8 +108,11 @@ def warn_on_version_drift(card: dict[str, Any] | None) -> None:
                     "pin the same versions if predictions look wrong", _version_hint(card))
 
 
-def load_learner_from(file: ModelFile) -> LoadedModel:
-    """Unpickle the learner (slow: imports torch and fastai) and read its class vocabulary."""
+def load_learner_from(file: ModelFile, code: Path | None = None) -> LoadedModel:
+    """Unpickle the learner (slow: imports torch and fastai) and read its class vocabulary; `code`:
+    a Python file defining the functions it refers to (`app.learner.code`)."""
+    if code is not None:
+        provide(code)
     learn = load_learner_checked(file.path, file.card)
     warn_on_version_drift(file.card)
     vocab = [str(label) for label in getattr(learn.dls, "vocab", [])]

@@ -7,6 +7,7 @@ pipeline, the fallback; `activation` names the loss function's activation when N
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from app.core.preprocess import FastPreprocess, ResizeStep, rgb
+from app.core.preprocess import FastPreprocess, ResizeStep, channels, per_channel
 from app.core.runner import ACTIVATIONS, Activation, Preprocess, softmax
 
 
@@ -31,7 +32,8 @@ def fast_preprocess_from(learn: Any) -> tuple[FastPreprocess | None, str]:
     )
 
     resize: ResizeStep | None = None
-    divisor, mean, std = 1.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    mode = input_mode(learn)
+    divisor, mean, std = 1.0, (0.0,) * channels(mode), (1.0,) * channels(mode)
     dl = learn.dls.valid if hasattr(learn.dls, "valid") else learn.dls[0]
     for tfm in [*dl.after_item.fs, *dl.after_batch.fs]:
         if getattr(tfm, "split_idx", None) == 0:
@@ -52,15 +54,30 @@ def fast_preprocess_from(learn: Any) -> tuple[FastPreprocess | None, str]:
         elif isinstance(tfm, IntToFloatTensor):
             divisor = float(tfm.div)
         elif isinstance(tfm, Normalize):
-            if tfm.mean is None or tfm.mean.numel() != 3:
-                return None, "Normalize is not per-channel RGB"
-            mean = rgb(tfm.mean.detach().cpu().flatten().tolist())
-            std = rgb(tfm.std.detach().cpu().flatten().tolist())
+            if tfm.mean is None or tfm.mean.numel() != channels(mode):
+                return None, f"Normalize does not have one value per channel of mode {mode}"
+            mean = per_channel(tfm.mean.detach().cpu().flatten().tolist(), mode)
+            std = per_channel(tfm.std.detach().cpu().flatten().tolist(), mode)
         else:
             return None, f"transform {type(tfm).__name__} applies at inference and is not reproduced"
-    if resize is None:
-        return None, "no Resize or RandomResizedCrop transform: input sizes would vary"
-    return FastPreprocess(resize, divisor, mean, std), ""
+    # No Resize or RandomResizedCrop: fastai feeds every photo at its own size, and so do we.
+    return FastPreprocess(resize or ResizeStep("none", (0, 0), 0), divisor, mean, std, mode), ""
+
+
+def input_mode(learn: Any) -> str:
+    """"L" for a learner whose inputs are fastai `PILImageBW` (every photo opened as grayscale),
+    otherwise "RGB": found by letting the learner's own type transform open a small PNG."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (2, 2), (200, 10, 10)).save(buffer, "PNG")
+    dataset = getattr(getattr(learn.dls, "valid", None), "dataset", None)
+    for tfm in reversed(getattr(getattr(getattr(dataset, "tls", [None])[0], "tfms", None), "fs", [])):
+        try:
+            opened = tfm(buffer.getvalue())
+        except Exception:  # not the transform that opens images
+            continue
+        if isinstance(opened, Image.Image):
+            return "L" if opened.mode == "L" else "RGB"
+    return "RGB"
 
 
 def _size(size: Any) -> tuple[int, int]:
@@ -73,7 +90,11 @@ def fastai_preprocess(learn: Any) -> Preprocess:
     fastai transforms keep per-call state (RandomResizedCrop stores sizes on itself)."""
     lock = threading.Lock()
 
+    mode = input_mode(learn)
+
     def preprocess(img: Image.Image) -> np.ndarray:
+        # fastai opens a photo file in the learner's mode; given an image already open, it keeps its mode.
+        img = img if img.mode == mode else img.convert(mode)
         with lock:
             dl = learn.dls.test_dl([img], num_workers=0)
             (batch,) = dl.one_batch()[:1]
@@ -101,3 +122,13 @@ def activation(learn: Any) -> tuple[Activation, Callable[[np.ndarray], np.ndarra
         if np.abs(fn(probe) - expected).max() <= 1e-6:
             return ("softmax" if name == "softmax" else "sigmoid"), fn
     return "custom", learners_own
+
+
+def decision_threshold(learn: Any, activation_name: Activation) -> float | None:
+    """A multi-label learner's threshold: its loss function's `thresh` (fastai's
+    BCEWithLogitsLossFlat decodes `probability > thresh`, 0.5 by default); None for a single-label
+    learner, which decodes to its most probable class."""
+    thresh = getattr(learn.loss_func, "thresh", None)
+    if thresh is None and activation_name != "sigmoid":
+        return None
+    return float(thresh) if thresh is not None else 0.5

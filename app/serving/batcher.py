@@ -112,13 +112,17 @@ class InferenceWorker:
             first = self._queue.get()
             if first is _STOP:
                 return
-            jobs = self._take_batch(first)
-            models: list[Any] = []  # in order of arrival, by identity; almost always one
-            for job in jobs:
-                if not any(job.model is model for model in models):
-                    models.append(job.model)
-            for model in models:
-                self._run_batch(model, [job for job in jobs if job.model is model])
+            # One pass per model (by identity: almost always one) and input shape (always one for a
+            # model with a Resize; a model without one takes every photo at its own size).
+            groups: list[tuple[Any, tuple[int, ...], list[_Job]]] = []
+            for job in self._take_batch(first):
+                group = next((g for g in groups if g[0] is job.model and g[1] == job.array.shape), None)
+                if group is None:
+                    groups.append((job.model, job.array.shape, [job]))
+                else:
+                    group[2].append(job)
+            for model, _, jobs in groups:
+                self._run_batch(model, jobs)
 
     def _run_batch(self, model: Any, jobs: list[_Job]) -> None:
         started = time.perf_counter()

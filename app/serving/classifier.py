@@ -86,4 +86,4 @@ class Classifier:
         except Overloaded:
             self.metrics.rejected.inc()
             raise
-        return outcome.to_json(model.vocab)
+        return outcome.to_json(model.vocab, model.predictor.threshold)

@@ -45,6 +45,7 @@ class Settings:
     model_path: Path = Path("models/export.pkl")
     model_url: str | None = None
     model_sha256: str | None = None
+    model_code: Path | None = None  # a Python file defining the functions the export refers to
     cache_dir: Path | None = None  # compiled models; default: the export's folder if writable
     max_upload_mb: float = 20
     fetch_timeout_s: float = 10
@@ -108,6 +109,7 @@ class Settings:
             model_path=Path(get("MODEL_PATH") or defaults.model_path),
             model_url=get("MODEL_URL"),
             model_sha256=sha.lower() if sha else None,
+            model_code=Path(get("MODEL_CODE")) if get("MODEL_CODE") else None,
             cache_dir=Path(get("CACHE_DIR")) if get("CACHE_DIR") else None,
             max_upload_mb=number("MAX_UPLOAD_MB", defaults.max_upload_mb, float, 0.001),
             fetch_timeout_s=number("FETCH_TIMEOUT_S", defaults.fetch_timeout_s, float, 0.1),

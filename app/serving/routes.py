@@ -90,6 +90,8 @@ async def model_info(request: Request) -> JSONResponse:
     model = serving.classifier.model
     return JSONResponse({
         "classes": model.vocab,
+        "multi_label": model.predictor.threshold is not None,
+        "threshold": model.predictor.threshold,
         "file": model.file.path.name,
         "sha256": model.file.sha256,
         "backend": model.predictor.backend,

@@ -112,7 +112,7 @@ async def open_model(settings: Settings, fast_start: bool = True) -> Opened:
     if compiled is not None:
         return Opened(ServedModel(file, compiled.vocab, compiled.predictor, detector), LearnerState.LOADED)
     log.info("loading the learner in this process: its predictor needs torch or fastai")
-    model = await asyncio.to_thread(load_learner_from, file)
+    model = await asyncio.to_thread(load_learner_from, file, settings.model_code)
     predictor, _ = await asyncio.to_thread(checked_predictor, model, settings.threads, settings.backend, with_features,
                                            folders.write)
     return Opened(ServedModel(file, model.vocab, predictor, detector), LearnerState.LOADED)
@@ -164,6 +164,7 @@ async def check_in_child(file: ModelFile, settings: Settings, with_features: boo
     be loaded. Cancelling this kills the child."""
     request = {"model": str(file.path), "sha256": file.sha256, "cache_dir": str(cache_dir) if cache_dir else None,
                "threads": settings.threads, "backend": settings.backend, "with_features": with_features,
+               "code": str(settings.model_code) if settings.model_code else None,
                "log_level": settings.log_level, "log_format": settings.log_format}
     # The project first on the child's path, wherever the server was started from, then the
     # caller's own (the modules an export's custom functions live in).
@@ -211,7 +212,7 @@ def still_loading_a_learner() -> bool:
 def _learner_in_process(file: ModelFile, settings: Settings, with_features: bool,
                        cache_dir: Path | None) -> tuple[Predictor, list[str]]:
     """The learner's own predictor, built in this process (blocking: for a thread of its own)."""
-    model = load_learner_from(file)
+    model = load_learner_from(file, settings.model_code)
     return checked_predictor(model, settings.threads, settings.backend, with_features, cache_dir)[0], model.vocab
 
 
