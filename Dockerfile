@@ -48,9 +48,13 @@ FROM base AS slim
 ENV MODEL_PATH=/srv/models/bundle
 
 # Test suites and the model-building parts of ONNX Runtime (transformers, quantization, tools) are
-# never run by the server: about 30 MB left out of the image.
+# never run by the server: about 30 MB left out of the image. So are the packages only those parts
+# import, which ONNX Runtime's wheel requires all the same: SymPy and mpmath (86 MB, for symbolic
+# shape inference), coloredlogs and humanfriendly (its tools' logging), protobuf and flatbuffers
+# (model conversion). tests/test_layout.py serves the bundle with all of them unimportable.
 COPY requirements-serve.txt .
 RUN pip install --no-cache-dir -r requirements-serve.txt \
+    && pip uninstall --yes --no-cache-dir sympy mpmath coloredlogs humanfriendly protobuf flatbuffers \
     && site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
     && rm -rf "$site"/numpy/tests "$site"/numpy/*/tests "$site"/onnxruntime/transformers \
         "$site"/onnxruntime/quantization "$site"/onnxruntime/tools "$site"/onnxruntime/datasets

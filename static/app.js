@@ -43,7 +43,8 @@ async function loadModelInfo() {
     state.verdicts = isBearModel ? BEAR_VERDICTS : null;
     if (!isBearModel) {
       const card = info.card || {};
-      const parts = [`Classes: ${state.classes.join(", ")}`];
+      const parts = [`${info.multi_label ? "Labels" : "Classes"}: ${state.classes.join(", ")}`];
+      if (info.multi_label) parts.push("any number of them can apply");
       if (typeof card.valid_accuracy === "number") parts.push(`${percent(card.valid_accuracy)} validation accuracy`);
       $("model-description").textContent = parts.join(" · ");
     }
@@ -107,6 +108,13 @@ function showResult(view, result) {
     bars.setAttribute("aria-label", "What the model would guess anyway (not to be trusted for this photo)");
     bars.classList.add("secondary");
     view.body.append(verdict, el("p", "bars-caption", "If it had to guess:"));
+  } else if (Array.isArray(result.labels)) {
+    // A multi-label model: every label above its threshold applies, or none does.
+    const labels = result.labels;
+    verdict.append(el("p", "answer", labels.length ? labels.join(", ") : "None of the labels"),
+      el("p", "detail", labels.length ? `${labels.length === 1 ? "This label applies" : "These labels apply"} ` +
+        `(each above ${percent(result.threshold)}).` : `No label reaches ${percent(result.threshold)}.`));
+    bars.setAttribute("aria-label", "Probability of each label, on its own");
   } else if (topP < UNSURE_BELOW) {
     view.card.classList.add("unsure");
     verdict.append(el("p", "answer", "Not sure"),

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import requests
 from kinds import REFUSED, make_grayscale, make_multi_label, make_without_resize
-from support import ROOT, AppProcess, image_bytes, synthetic_image
+from support import ROOT, AppProcess, image_bytes, needs_chromium, synthetic_image
 
 PARITY = 2e-6  # the largest probability difference from learn.predict allowed
 
@@ -106,6 +106,24 @@ def test_a_multi_label_model_answers_with_its_labels_and_threshold(exports, tmp_
             assert [p for _, p in body["predictions"]] == sorted((p for _, p in body["predictions"]), reverse=True)
         # Sigmoid scores, each on its own: nothing makes them sum to 1.
         assert len({round(sum(in_vocab_order(served(app, p), vocab)), 3) for p in paths}) > 1
+    finally:
+        app.stop()
+
+
+@needs_chromium
+def test_the_page_shows_a_multi_label_models_labels(exports, tmp_path, open_page):
+    app = AppProcess({"MODEL_PATH": str(exports["multi_label"])}, tmp_path / "server.log").wait_ready()
+    try:
+        path = probes(tmp_path / "probes", [(48, 40)])[0]
+        expected = served(app, path)
+        page = open_page(app.url, width=360)
+        page.page.wait_for_function("document.querySelector('#model-description').textContent.includes('Labels')")
+        assert "any number of them can apply" in page.page.inner_text("#model-description")
+        page.choose((path.name, path.read_bytes(), "image/png"))
+        page.wait_done()
+        answer = page.page.inner_text(".card .answer")
+        assert answer == (", ".join(expected["labels"]) or "None of the labels")
+        assert page.page.locator(".bar-row").count() == 5
     finally:
         app.stop()
 

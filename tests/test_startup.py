@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -60,6 +61,26 @@ def test_weights_saved_instead_of_an_export_say_what_they_are(tiny_learner, tmp_
         assert what in line and "learn.export()" in line, line
 
 
+def test_a_fastai_v1_export_says_it_is_v1_and_why_it_is_not_served(tmp_path):
+    """fastai v1 cannot be installed beside this torch; its export is a torch pickle of
+    fastai.basic_train objects, which is what the check reads (a module of that name stands in)."""
+    path = tmp_path / "export.pkl"
+    script = textwrap.dedent(f"""
+        import sys, types, torch
+        module = types.ModuleType("fastai.basic_train")
+        class Learner:
+            pass
+        Learner.__module__ = "fastai.basic_train"
+        module.Learner = Learner
+        sys.modules["fastai.basic_train"] = module
+        torch.save({{"cls": Learner, "model": torch.nn.Linear(2, 2)}}, {str(path)!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    line = startup_error({"MODEL_PATH": str(path)})
+    assert "is a fastai v1 export (fastai.basic_train.Learner), which is not supported" in line
+    assert "retrain and export with fastai 2" in line
+
+
 def test_a_git_lfs_pointer_says_to_pull_the_file(tmp_path):
     path = tmp_path / "export.pkl"
     path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "a" * 64 + "\nsize 46827520\n")
@@ -70,7 +91,7 @@ def test_html_saved_as_the_model_is_reported_as_such(tmp_path):
     path = tmp_path / "export.pkl"
     path.write_bytes(HTML)
     line = startup_error({"MODEL_PATH": str(path)})
-    assert "HTML page" in line and "direct download link" in line
+    assert "HTML page" in line and "download the file itself" in line and "MODEL_URL" not in line
 
 
 def test_a_busy_port_is_one_line_naming_the_setting():
@@ -108,7 +129,7 @@ def test_sha256_mismatch(model_copy):
 def test_truncated_export_is_refused(model_copy):
     data = model_copy.read_bytes()
     model_copy.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ModelLoadError, match="not a loadable fastai export"):
+    with pytest.raises(ModelLoadError, match="is truncated or corrupt"):
         asyncio.run(load_model(model_copy, None, None))
 
 
@@ -197,4 +218,4 @@ def test_a_missing_module_is_named_with_what_to_do(tiny_export, tmp_path):
                    env={**os.environ, "PYTHONPATH": str(extra)})
     line = startup_error({"MODEL_PATH": str(model)})
     assert "needs the module 'bear_helpers', which is not installed here" in line
-    assert "pip install bear_helpers" in line and "make it importable (PYTHONPATH)" in line
+    assert "pip install bear_helpers" in line and "set MODEL_CODE to that file" in line

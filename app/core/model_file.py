@@ -127,8 +127,9 @@ def _not_an_export(path: Path) -> ModelLoadError | None:
             return ModelLoadError(old_fastai_message(path, installed))
         return None
     if "fastai.basic_train" in names:
-        return ModelLoadError(f"{path} is a fastai v1 export (fastai.basic_train.Learner): only fastai 2 exports "
-                              "are served; retrain and export with fastai 2's learn.export()")
+        return ModelLoadError(f"{path} is a fastai v1 export (fastai.basic_train.Learner), which is not supported: "
+                              "fastai 2 is another library (no v1 Learner, data or transforms to load it with, and "
+                              "v1 needs a torch from 2019); retrain and export with fastai 2's learn.export()")
     if any(n.startswith("torch.nn.modules") for n in names):
         return ModelLoadError(f"{path} is a whole PyTorch model saved with torch.save(model), not a fastai export: "
                               "it lacks the classes and preprocessing the server needs; save the Learner with "
@@ -146,7 +147,9 @@ def check_model_file(path: Path, expected_sha256: str | None) -> str:
     with open(path, "rb") as f:
         head = f.read(1024)
     if looks_like_html(head):
-        raise html_error(path)
+        raise ModelLoadError(f"{path} is an HTML page, not a model: a web page (a GitHub, Jupyter or file-sharing "
+                             "page) was saved in place of the file; download the file itself (on GitHub, its Raw "
+                             "link) and set MODEL_PATH to it")
     if head.startswith(_LFS_POINTER):
         raise ModelLoadError(f"{path} is a Git LFS pointer, not the model itself: run `git lfs pull` in its "
                              "repository (or download the file directly)")

@@ -77,7 +77,8 @@ async def model_info(request: Request) -> JSONResponse:
     """
     responses:
       200:
-        description: Classes in vocab order, the model file's sha256 (for a bundle, its source
+        description: Classes in vocab order, whether the model is multi-label (and its threshold; null
+          for a single-label model), the model file's sha256 (for a bundle, its source
           export's), how it is served, whether the learner behind it is loaded yet (a restart serves
           a checked compiled model first; "not used" for a bundle), the bundle (its source export,
           versions and parity evidence; null when an export is served), its unfamiliar-image
@@ -117,7 +118,9 @@ async def classify_url(request: Request) -> JSONResponse:
       200:
         description: '{"predictions": [[label, probability], ...]}, every class, highest first; with
           "unfamiliar": true|false when the model has an unfamiliar-image detector (true: the photo
-          looks like none of the training photos, so no class should be trusted).'
+          looks like none of the training photos, so no class should be trusted). A multi-label model
+          (GET /model: "multi_label": true) gives each class its own sigmoid probability, and adds
+          "labels" (every class above "threshold", as learn.predict decodes them) and "threshold".'
       400:
         description: Missing or malformed URL.
       403:
@@ -170,7 +173,9 @@ async def upload(request: Request) -> JSONResponse:
       200:
         description: '{"predictions": [[label, probability], ...]}, every class, highest first; with
           "unfamiliar": true|false when the model has an unfamiliar-image detector (true: the photo
-          looks like none of the training photos, so no class should be trusted).'
+          looks like none of the training photos, so no class should be trusted). A multi-label model
+          (GET /model: "multi_label": true) gives each class its own sigmoid probability, and adds
+          "labels" (every class above "threshold", as learn.predict decodes them) and "threshold".'
       400:
         description: Not multipart, or no field named file.
       413:
