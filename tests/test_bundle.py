@@ -134,7 +134,7 @@ def test_the_server_refuses_an_untrusted_bundle_with_one_line(bundle):
 
 @pytest.mark.parametrize("setup,message", [
     ("not an export", "is not a fastai export (not a torch pickle)"),
-    ("truncated export", "is not a loadable fastai export"),
+    ("truncated export", "is truncated or corrupt"),
     ("missing export", "export not found"),
     ("out is a file", "is a file, not a folder"),
     ("out holds other files", "holds other files"),
