@@ -47,17 +47,23 @@ RUN python -m app.compile models/export.pkl --out /bundle
 FROM base AS slim
 ENV MODEL_PATH=/srv/models/bundle
 
-# Test suites and the model-building parts of ONNX Runtime (transformers, quantization, tools) are
-# never run by the server: about 30 MB left out of the image. So are the packages only those parts
-# import, which ONNX Runtime's wheel requires all the same: SymPy and mpmath (86 MB, for symbolic
-# shape inference), coloredlogs and humanfriendly (its tools' logging), protobuf and flatbuffers
-# (model conversion). tests/test_layout.py serves the bundle with all of them unimportable.
+# What the server never loads is left out (tests/test_bundle.py checks, in a serving process's
+# memory map and with the packages made unimportable, that none of it is loaded): test suites,
+# headers and stubs; the model-building parts of ONNX Runtime (transformers, quantization, tools)
+# and the packages only model conversion imports (protobuf, flatbuffers); libonnxruntime.so, the C
+# API library (34 MB: the Python module carries its own copy of the runtime); NumPy's f2py; and
+# Pillow's text rendering (ImageFont's _imagingft and the FreeType, HarfBuzz, PNG and Brotli
+# libraries only it links). About 75 MB in all.
 COPY requirements-serve.txt .
 RUN pip install --no-cache-dir -r requirements-serve.txt \
-    && pip uninstall --yes --no-cache-dir sympy mpmath coloredlogs humanfriendly protobuf flatbuffers \
+    && pip uninstall --yes --no-cache-dir protobuf flatbuffers \
     && site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
-    && rm -rf "$site"/numpy/tests "$site"/numpy/*/tests "$site"/onnxruntime/transformers \
-        "$site"/onnxruntime/quantization "$site"/onnxruntime/tools "$site"/onnxruntime/datasets
+    && rm -rf "$site"/numpy/tests "$site"/numpy/*/tests "$site"/numpy/f2py "$site"/numpy/_core/include \
+        "$site"/onnxruntime/transformers "$site"/onnxruntime/quantization "$site"/onnxruntime/tools \
+        "$site"/onnxruntime/datasets "$site"/onnxruntime/capi/libonnxruntime.so* \
+        "$site"/PIL/_imagingft.* "$site"/pillow.libs/libfreetype-* "$site"/pillow.libs/libharfbuzz-* \
+        "$site"/pillow.libs/libpng16-* "$site"/pillow.libs/libbrotli* \
+    && find "$site" \( -name '*.pyi' -o -name '*.pxd' -o -name '*.pyx' -o -name '*.h' \) -delete
 
 COPY app/ app/
 COPY static/ static/

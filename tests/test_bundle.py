@@ -29,9 +29,11 @@ from app.core.files import sha256_file
 from app.core.model_file import ModelLoadError
 
 HEAVY = ("torch", "torchvision", "fastai", "fastcore")
-# What the slim image uninstalls after installing ONNX Runtime (see the Dockerfile): never imported
-# by the server, though the onnxruntime wheel requires them.
-NOT_IN_THE_SLIM_IMAGE = ("sympy", "mpmath", "coloredlogs", "humanfriendly", "google", "flatbuffers")
+# What the slim image leaves out (see the Dockerfile): packages the onnxruntime wheel requires but
+# only its model-conversion tools import, and shared libraries no serving code path loads.
+NOT_IN_THE_SLIM_IMAGE = ("google", "flatbuffers", "numpy.f2py")
+LIBRARIES_NOT_IN_THE_SLIM_IMAGE = ("libonnxruntime.so", "_imagingft", "libfreetype", "libharfbuzz", "libpng16",
+                                   "libbrotli")
 NOT_BEARS = ROOT.parent / "shared" / "data" / "not-bears"
 
 
@@ -87,6 +89,9 @@ def test_a_bundle_is_served_where_torch_and_fastai_cannot_be_imported(bundle, ti
         assert "model_info" in requests.get(app.url + "/metrics", timeout=10).text
         assert "/upload" in requests.get(app.url + "/openapi.json", timeout=10).json()["paths"]
         assert "a checked bundle, no learner" in app.log()
+        loaded = Path(f"/proc/{app.proc.pid}/maps").read_text()
+        assert [lib for lib in LIBRARIES_NOT_IN_THE_SLIM_IMAGE if lib in loaded] == []
+        assert "onnxruntime_pybind11_state" in loaded  # the maps are the serving process's own
     finally:
         assert app.stop() == 0
 

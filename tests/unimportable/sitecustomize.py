@@ -1,4 +1,4 @@
-"""Makes the top-level packages named in $UNIMPORTABLE (comma-separated) unimportable, as if not
+"""Makes the packages named in $UNIMPORTABLE (comma-separated; `numpy.f2py` for a sub-package) unimportable, as if not
 installed, in every Python process started with this folder on PYTHONPATH: the process itself and
 any child it starts (the server's learner check runs in one).
 
@@ -19,7 +19,7 @@ class Unimportable(importlib.abc.MetaPathFinder):
         self.names = names
 
     def find_spec(self, fullname, path=None, target=None):  # noqa: ANN001 - the finder protocol
-        if fullname.split(".")[0] in self.names:
+        if any(fullname == name or fullname.startswith(name + ".") for name in self.names):
             raise ImportError(f"No module named {fullname!r} (made unimportable for this test)")
         return None
 
