@@ -21,6 +21,11 @@ access_log = logging.getLogger(f"{__name__}.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
+def carries_body(scope: Scope) -> bool:
+    """An HTTP request of a method that sends a body: the ones the body limits apply to."""
+    return scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH")
+
+
 class UploadSizeLimit:
     """Refuse bodies over the limit while they stream in, before they are held anywhere, and make
     sure the client can read that 413.
@@ -44,7 +49,7 @@ class UploadSizeLimit:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if not carries_body(scope):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
@@ -115,7 +120,7 @@ class BodyDeadline:
         self.seconds = seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if not carries_body(scope):
             return await self.app(scope, receive, send)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.seconds
