@@ -21,6 +21,7 @@ from app.core.logs import configure_logging
 from app.core.model_file import ModelLoadError
 from app.serving.app import create_app
 from app.serving.config import ConfigError, Settings
+from app.serving.connections import protocol_class
 from app.serving.metrics import Metrics
 from app.serving.startup import Serving, start_serving, still_loading_a_learner
 from app.web import listen
@@ -75,6 +76,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server = uvicorn.Server(uvicorn.Config(
         create_app(settings),
+        http=protocol_class(settings.http_implementation, settings.header_timeout_s),
         log_config=None,
         access_log=False,
         server_header=False,

@@ -13,6 +13,7 @@ from typing import cast
 
 from app.core.images import MAX_PIXELS
 from app.core.runner import BackendChoice
+from app.serving.connections import IMPLEMENTATIONS, HttpImplementation
 
 
 class ConfigError(ValueError):
@@ -64,6 +65,10 @@ class Settings:
     # A request body that has not fully arrived this long after the request began gets 408 and
     # its connection closed: a slow client cannot hold a connection open (README, Slow clients).
     body_timeout_s: float = 60
+    # A connection whose request line and headers have not all arrived this long after it opened,
+    # or after its previous response, is closed (408 if a request line came; connections.py).
+    header_timeout_s: float = 10
+    http_implementation: HttpImplementation = "auto"  # uvicorn's HTTP parser: httptools if installed, or h11
     # Corrections from the page (README, "Improve it from use"): off unless FEEDBACK_DIR is set;
     # FEEDBACK_MAX_MB caps what that folder may hold, after which corrections are refused.
     feedback_dir: Path | None = None
@@ -102,6 +107,10 @@ class Settings:
         sha = get("MODEL_SHA256")
         if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha)):
             raise ConfigError("MODEL_SHA256 must be 64 hexadecimal digits")
+        http_implementation = (get("HTTP_IMPLEMENTATION") or defaults.http_implementation).lower()
+        if http_implementation not in IMPLEMENTATIONS:
+            raise ConfigError(f"HTTP_IMPLEMENTATION must be one of {', '.join(IMPLEMENTATIONS)}, "
+                              f"got {http_implementation!r}")
         origins = tuple(o.strip() for o in (get("CORS_ORIGINS") or "").split(",") if o.strip())
         return cls(
             host=get("HOST") or defaults.host,
@@ -123,6 +132,8 @@ class Settings:
             cors_origins=origins,
             shutdown_timeout_s=number("SHUTDOWN_TIMEOUT_S", defaults.shutdown_timeout_s, float, 0),
             body_timeout_s=number("BODY_TIMEOUT_S", defaults.body_timeout_s, float, 0.1),
+            header_timeout_s=number("HEADER_TIMEOUT_S", defaults.header_timeout_s, float, 0.1),
+            http_implementation=cast(HttpImplementation, http_implementation),
             feedback_dir=Path(get("FEEDBACK_DIR")) if get("FEEDBACK_DIR") else None,
             feedback_max_mb=number("FEEDBACK_MAX_MB", defaults.feedback_max_mb, float, 0.001),
         )
