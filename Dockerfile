@@ -1,8 +1,20 @@
-# Cuddle or Not: the service and its default model, CPU only. Two images from this one file:
-#   docker build -t cuddle-or-not .                     loads the learner at start-up (torch, fastai)
-#   docker build --target slim -t cuddle-or-not:slim .  serves the checked bundle of the same model
-#                                                       with ONNX Runtime alone: no torch, no fastai
+# Cuddle or Not: the service and its model, CPU only. Two images from this one file:
+#   docker build -t cuddle-or-not .          the default (the last stage, what platforms build):
+#                                            the model's checked bundle served by ONNX Runtime
+#                                            alone, no torch or fastai (about 400 MB; fits 512 MB)
+#   docker build --target full -t cuddle-or-not:full .   the export itself, its learner loaded at
+#                                            start-up (torch, fastai; 1.6 GB of memory at start)
 #   docker run -p 8000:8000 cuddle-or-not
+# Your own model (README, Deploy):
+#   docker build --build-arg MODEL=trained .          compile the export app.train wrote there
+#   docker build --build-arg BUNDLE=trained/bundle .  take the bundle app.train compiled and
+#                                                     checked there, without installing torch
+
+# The folder holding export.pkl (with its export.detector.npz and model-card.json) to compile into
+# the default image's bundle, or a bundle folder to take as it is (BUNDLE wins when both are set).
+ARG MODEL=models
+ARG BUNDLE=
+ARG BUNDLE_FROM=${BUNDLE:+folder}
 
 # --- What both images share: settings, the unprivileged user, the health check, the command -----
 FROM python:3.11-slim-bookworm AS base
@@ -39,11 +51,31 @@ COPY app/ app/
 COPY static/ static/
 COPY models/ models/
 
-# --- The default model compiled into a bundle, checked against learn.predict ----------------------
-FROM full-runtime AS bundle
-RUN python -m app.compile models/export.pkl --out /bundle
+# --- full: the export itself, its learner loaded at start-up (`--target full`) ---------------------
+FROM full-runtime AS full
 
-# --- slim: the bundle served by the serving requirements only -------------------------------------
+# Load the model once, as the server's first start would: a broken model fails `docker build`, not
+# production. This also compiles the ONNX copy next to the export and records its check, so that
+# containers are ready in about a second (the learner is then checked again in the background).
+RUN python -m app --check
+USER 10001:10001
+
+# --- The bundle, compiled here from MODEL's export and checked against learn.predict ---------------
+FROM full-runtime AS bundle-from-export
+ARG MODEL
+COPY ${MODEL}/ /model/
+RUN python -m app.compile /model/export.pkl --out /bundle
+
+# --- ... or the bundle BUNDLE names, compiled and checked where it was made (no torch here) ---------
+FROM base AS bundle-from-folder
+ARG BUNDLE
+COPY ${BUNDLE}/ /bundle/
+
+# Only the stage chosen here is built: with BUNDLE set, torch is never installed.
+# hadolint ignore=DL3006
+FROM bundle-from-${BUNDLE_FROM:-export} AS bundle
+
+# --- The default image (the last stage): the bundle served by the serving requirements only -------
 FROM base AS slim
 ENV MODEL_PATH=/srv/models/bundle
 
@@ -70,14 +102,5 @@ COPY static/ static/
 COPY --from=bundle /bundle models/bundle/
 
 # Every part of the bundle is checked before the image is kept, without torch (none is installed).
-RUN python -m app --check
-USER 10001:10001
-
-# --- The default image (the last stage): the export itself, its learner loaded at start-up --------
-FROM full-runtime AS full
-
-# Load the model once, as the server's first start would: a broken model fails `docker build`, not
-# production. This also compiles the ONNX copy next to the export and records its check, so that
-# containers are ready in about a second (the learner is then checked again in the background).
 RUN python -m app --check
 USER 10001:10001

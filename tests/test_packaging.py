@@ -59,16 +59,28 @@ def test_every_requirement_is_pinned():
         assert package in runtime and package.split("=")[0] not in pinned_to_serve
 
 
-def test_dockerfile_has_a_slim_target_without_torch_and_the_full_one_by_default():
+def test_dockerfile_builds_the_slim_image_by_default_and_the_full_one_as_a_target():
+    """Render, Hugging Face and Railway build the last stage and cannot be told another: it is the
+    bundle served without torch. The bundle is compiled from MODEL's export, or taken from BUNDLE
+    in a stage that installs nothing, so that only the chosen one is built."""
     dockerfile = (ROOT / "Dockerfile").read_text()
     stages = re.findall(r"^FROM (\S+) AS (\S+)", dockerfile, re.M)
-    assert stages == [("python:3.11-slim-bookworm", "base"), ("base", "full-runtime"), ("full-runtime", "bundle"),
-                      ("base", "slim"), ("full-runtime", "full")]  # full, the last, is the default
-    slim = dockerfile.split("AS slim")[1].split("AS full")[0]
+    assert stages == [("python:3.11-slim-bookworm", "base"), ("base", "full-runtime"), ("full-runtime", "full"),
+                      ("full-runtime", "bundle-from-export"), ("base", "bundle-from-folder"),
+                      ("bundle-from-${BUNDLE_FROM:-export}", "bundle"), ("base", "slim")]
+    assert re.search(r"^ARG MODEL=models$", dockerfile, re.M) and re.search(r"^ARG BUNDLE=$", dockerfile, re.M)
+    assert re.search(r"^ARG BUNDLE_FROM=\$\{BUNDLE:\+folder\}$", dockerfile, re.M)
+    slim = dockerfile.split("AS slim")[1]
     assert "requirements-serve.txt" in slim and "requirements.txt" not in slim.replace("requirements-serve.txt", "")
     assert "COPY --from=bundle /bundle" in slim and "MODEL_PATH=/srv/models/bundle" in slim
     assert "RUN python -m app --check" in slim and re.search(r"^USER 10001", slim, re.M)
-    assert "python -m app.compile models/export.pkl --out /bundle" in dockerfile
+    from_export = dockerfile.split("AS bundle-from-export")[1].split("FROM ")[0]
+    assert "COPY ${MODEL}/ /model/" in from_export
+    assert "python -m app.compile /model/export.pkl --out /bundle" in from_export
+    from_folder = dockerfile.split("AS bundle-from-folder")[1].split("FROM ")[0]
+    assert "COPY ${BUNDLE}/ /bundle/" in from_folder and "RUN" not in from_folder
+    full = dockerfile.split("AS full\n")[1].split("FROM ")[0]
+    assert "RUN python -m app --check" in full and re.search(r"^USER 10001", full, re.M)
 
 
 def test_zeit_config_is_a_docker_deployment():

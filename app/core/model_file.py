@@ -177,5 +177,14 @@ def read_model_card(model_path: Path) -> dict[str, Any] | None:
 
 
 def open_model_file(path: Path, expected_sha256: str | None = None) -> ModelFile:
-    """A checked `ModelFile` for an export already on disk."""
-    return ModelFile(path, check_model_file(path, expected_sha256), read_model_card(path))
+    """A checked `ModelFile` for an export already on disk, with its card if that was written for it."""
+    sha256 = check_model_file(path, expected_sha256)
+    card = read_model_card(path)
+    written_for = card.get("export_sha256") if isinstance(card, dict) else None
+    if isinstance(written_for, str) and written_for != sha256:
+        # A folder put together by hand (a new export beside the old model's files) must not
+        # describe one model with another's figures.
+        raise ModelLoadError(f"model-card.json beside {path.name} was written for another export (sha256 "
+                             f"{written_for[:12]}, not {sha256[:12]}): copy the card made with this export, "
+                             "or remove it")
+    return ModelFile(path, sha256, card)
