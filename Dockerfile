@@ -79,23 +79,9 @@ FROM bundle-from-${BUNDLE_FROM:-export} AS bundle
 FROM base AS slim
 ENV MODEL_PATH=/srv/models/bundle
 
-# What the server never loads is left out (tests/test_bundle.py checks, in a serving process's
-# memory map and with the packages made unimportable, that none of it is loaded): test suites,
-# headers and stubs; the model-building parts of ONNX Runtime (transformers, quantization, tools)
-# and the packages only model conversion imports (protobuf, flatbuffers); libonnxruntime.so, the C
-# API library (34 MB: the Python module carries its own copy of the runtime); NumPy's f2py; and
-# Pillow's text rendering (ImageFont's _imagingft and the FreeType, HarfBuzz, PNG and Brotli
-# libraries only it links). About 75 MB in all.
-COPY requirements-serve.txt .
-RUN pip install --no-cache-dir -r requirements-serve.txt \
-    && pip uninstall --yes --no-cache-dir protobuf flatbuffers \
-    && site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
-    && rm -rf "$site"/numpy/tests "$site"/numpy/*/tests "$site"/numpy/f2py "$site"/numpy/_core/include \
-        "$site"/onnxruntime/transformers "$site"/onnxruntime/quantization "$site"/onnxruntime/tools \
-        "$site"/onnxruntime/datasets "$site"/onnxruntime/capi/libonnxruntime.so* \
-        "$site"/PIL/_imagingft.* "$site"/pillow.libs/libfreetype-* "$site"/pillow.libs/libharfbuzz-* \
-        "$site"/pillow.libs/libpng16-* "$site"/pillow.libs/libbrotli* \
-    && find "$site" \( -name '*.pyi' -o -name '*.pxd' -o -name '*.pyx' -o -name '*.h' \) -delete
+# The serving requirements, without what the server never loads (about 75 MB less: see the script).
+COPY requirements-serve.txt deploy/install-serving.sh ./
+RUN sh install-serving.sh && rm install-serving.sh
 
 COPY app/ app/
 COPY static/ static/

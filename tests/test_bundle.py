@@ -29,7 +29,7 @@ from app.core.files import sha256_file
 from app.core.model_file import ModelLoadError
 
 HEAVY = ("torch", "torchvision", "fastai", "fastcore")
-# What the slim image leaves out (see the Dockerfile): packages the onnxruntime wheel requires but
+# What the slim image leaves out (see deploy/install-serving.sh): packages the onnxruntime wheel requires but
 # only its model-conversion tools import, and shared libraries no serving code path loads.
 NOT_IN_THE_SLIM_IMAGE = ("google", "flatbuffers", "numpy.f2py")
 LIBRARIES_NOT_IN_THE_SLIM_IMAGE = ("libonnxruntime.so", "_imagingft", "libfreetype", "libharfbuzz", "libpng16",

@@ -5,6 +5,7 @@ Every setting is documented in the README's configuration table with its default
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,6 +15,42 @@ from typing import cast
 from app.core.images import MAX_PIXELS
 from app.core.runner import BackendChoice
 from app.serving.connections import IMPLEMENTATIONS, HttpImplementation
+
+
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"), own_cgroups: Path = Path("/proc/self/cgroup")) -> int:
+    """The CPUs this process may keep busy: those it may run on, capped by its cgroup's CPU quota
+    (a container's `--cpus`, a platform's "0.1 CPU") rounded up; at least 1. `os.cpu_count()`
+    counts the host's, and as many inference threads on a tenth of a CPU only take turns."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_root, own_cgroups)
+    return max(1, min(count, math.ceil(quota)) if quota is not None else count)
+
+
+def cgroup_cpu_quota(cgroup_root: Path, own_cgroups: Path) -> float | None:
+    """The CPU quota (in CPUs) of this process's cgroup, v2 (`cpu.max`) or v1 (`cpu.cfs_quota_us`),
+    None if there is none or it cannot be read."""
+    try:
+        lines = own_cgroups.read_text().splitlines()
+    except OSError:
+        lines = []
+    paths = {}  # controller ("" for v2) -> this process's cgroup below the root
+    for line in lines:
+        _, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        for controller in controllers.split(","):
+            paths[controller] = path.lstrip("/")
+    candidates = [(cgroup_root / paths.get("", ""), "v2"), (cgroup_root, "v2"),
+                  (cgroup_root / "cpu" / paths.get("cpu", ""), "v1"), (cgroup_root / "cpu", "v1")]
+    for folder, version in candidates:
+        try:
+            if version == "v2":
+                quota, period = (folder / "cpu.max").read_text().split()[:2]
+                return None if quota == "max" else int(quota) / int(period)
+            quota_us = int((folder / "cpu.cfs_quota_us").read_text())
+            return None if quota_us <= 0 else quota_us / int((folder / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 class ConfigError(ValueError):
@@ -55,7 +92,7 @@ class Settings:
     log_format: str = "text"
     # Inference tuning (see README "Performance"): threads for ONNX Runtime / torch, the largest
     # batch the worker forms from requests already waiting, and how many may wait before 503.
-    threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
+    threads: int = field(default_factory=usable_cpus)
     max_batch: int = 8
     queue_size: int = 64
     backend: BackendChoice = "auto"
