@@ -6,15 +6,13 @@
 #                                            start-up (torch, fastai; 1.6 GB of memory at start)
 #   docker run -p 8000:8000 cuddle-or-not
 # Your own model (README, Deploy):
-#   docker build --build-arg MODEL=trained .          compile the export app.train wrote there
-#   docker build --build-arg BUNDLE=trained/bundle .  take the bundle app.train compiled and
-#                                                     checked there, without installing torch
+#   docker build --build-arg MODEL=trained .   the folder app.train wrote: its checked bundle is
+#                                              taken as it is, without installing torch
 
-# The folder holding export.pkl (with its export.detector.npz and model-card.json) to compile into
-# the default image's bundle, or a bundle folder to take as it is (BUNDLE wins when both are set).
+# The folder the default image's model comes from: what python -m app.train wrote (export.pkl with
+# its export.detector.npz, model-card.json and, when it compiled one, the checked bundle/), or a
+# bundle folder. Without a bundle, the export is compiled at build time.
 ARG MODEL=models
-ARG BUNDLE=
-ARG BUNDLE_FROM=${BUNDLE:+folder}
 
 # --- What both images share: settings, the unprivileged user, the health check, the command -----
 FROM python:3.11-slim-bookworm AS base
@@ -60,20 +58,21 @@ FROM full-runtime AS full
 RUN python -m app --check
 USER 10001:10001
 
-# --- The bundle, compiled here from MODEL's export and checked against learn.predict ---------------
-FROM full-runtime AS bundle-from-export
+# --- The bundle the default image serves: the one app.train checked in MODEL, taken as it is, or
+# one compiled here from MODEL's export and checked against learn.predict (only then is torch
+# installed). deploy/choose_bundle.py decides, and refuses a folder holding another export's files.
+FROM base AS bundle
 ARG MODEL
+COPY requirements.txt requirements-serve.txt deploy/choose_bundle.py ./
 COPY ${MODEL}/ /model/
-RUN python -m app.compile /model/export.pkl --out /bundle
-
-# --- ... or the bundle BUNDLE names, compiled and checked where it was made (no torch here) ---------
-FROM base AS bundle-from-folder
-ARG BUNDLE
-COPY ${BUNDLE}/ /bundle/
-
-# Only the stage chosen here is built: with BUNDLE set, torch is never installed.
-# hadolint ignore=DL3006
-FROM bundle-from-${BUNDLE_FROM:-export} AS bundle
+RUN python choose_bundle.py /model > /chosen \
+    && if [ "$(cat /chosen)" = /model/export.pkl ]; then \
+        pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu \
+            torch==2.14.1 torchvision==0.29.1 \
+        && pip install --no-cache-dir -r requirements.txt; fi
+COPY app/ app/
+RUN if [ "$(cat /chosen)" = /model/export.pkl ]; then python -m app.compile /model/export.pkl --out /bundle; \
+    else cp -r "$(cat /chosen)" /bundle; fi
 
 # --- The default image (the last stage): the bundle served by the serving requirements only -------
 FROM base AS slim

@@ -153,6 +153,8 @@ function errorMessage(status, bodyText) {
     // not our JSON error: fall through
   }
   if (status === 0) return "Could not reach the server. Check your connection and try again.";
+  // Not from the service: a platform in front of it refusing a body over its own limit.
+  if (status === 413) return "This photo is too large to send here. Try a smaller photo, or a screenshot of it.";
   return `Something went wrong (HTTP ${status}). Please try again.`;
 }
 

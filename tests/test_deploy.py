@@ -29,13 +29,21 @@ def stage(dockerfile: str, name: str) -> str:
 
 def run_as_the_image_does(command: str, folder: Path, into: str, env: dict[str, str] | None = None,
                           without: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """A Dockerfile RUN line run here, with the image's `into` path standing for `folder`."""
+    """A Dockerfile RUN command run here, with the image's `into` path standing for `folder`."""
     from support import unimportable_env
 
     args = command.replace(into, str(folder)).split()
     full_env = {"PATH": "/usr/bin:/bin", **(env or {}), **(unimportable_env(without) if without else {})}
     return subprocess.run([sys.executable if a == "python" else a for a in args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=300)
+
+
+def choose_bundle(folder: Path) -> subprocess.CompletedProcess:
+    """The bundle stage's first step, on the bare interpreter (`-S`: no site-packages, as the image
+    has none installed yet)."""
+    assert "RUN python choose_bundle.py /model > /chosen" in stage(DOCKERFILE, "bundle")
+    return subprocess.run([sys.executable, "-S", str(ROOT / "deploy" / "choose_bundle.py"), str(folder)],
+                          capture_output=True, text=True, timeout=60)
 
 
 def check_as_the_slim_image_does(bundle: Path) -> subprocess.CompletedProcess:
@@ -50,44 +58,81 @@ def student_folder(tiny_export: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(tiny_export.parent, tmp_path / "trained"))
 
 
-def test_a_students_export_is_compiled_and_checked_as_the_default_image_builds_it(tiny_export, tmp_path):
-    """`docker build --build-arg MODEL=trained .`: the export's stage compiles it, the last stage
-    checks the bundle without torch and serves the student's classes."""
+def classes_of(folder: Path) -> list[str]:
+    return json.loads((folder / "model-card.json").read_text())["classes"]
+
+
+def test_a_students_checked_bundle_is_taken_as_it_is(tiny_export, tmp_path):
+    """`docker build --build-arg MODEL=trained .` on what app.train wrote: its bundle is taken
+    (torch is installed only for an export to compile) and checked without torch by the last stage."""
     folder = student_folder(tiny_export, tmp_path)
-    compile_line = re.search(r"^RUN (python -m app\.compile .+)$", stage(DOCKERFILE, "bundle-from-export"), re.M)
-    assert compile_line and "COPY ${MODEL}/ /model/" in stage(DOCKERFILE, "bundle-from-export")
+    chosen = choose_bundle(folder)
+    assert chosen.returncode == 0, chosen.stderr
+    assert chosen.stdout.strip() == str(folder / "bundle") and "no torch" in chosen.stderr
+    for source in (folder, folder / "bundle"):  # MODEL=trained/bundle names the bundle itself
+        assert choose_bundle(source).stdout.strip() == str(folder / "bundle")
+    checked = check_as_the_slim_image_does(folder / "bundle")
+    assert checked.returncode == 0, checked.stderr
+    assert f"classes={classes_of(folder)}" in checked.stdout and "backend=onnx" in checked.stdout
+
+
+def test_a_students_export_alone_is_compiled_and_checked_as_the_image_builds_it(tiny_export, tmp_path):
+    """An export with its detector and card but no bundle (put in models/ by hand): the bundle
+    stage installs torch and compiles it; the last stage checks the bundle without torch."""
+    folder = student_folder(tiny_export, tmp_path)
+    shutil.rmtree(folder / "bundle")
+    chosen = choose_bundle(folder)
+    assert chosen.stdout.strip() == str(folder / "export.pkl") and "installing torch" in chosen.stderr
+    compile_line = re.search(r"then (python -m app\.compile \S+ --out /bundle);", stage(DOCKERFILE, "bundle"))
+    assert compile_line, stage(DOCKERFILE, "bundle")
     compiled = run_as_the_image_does(compile_line.group(1).replace("/bundle", str(tmp_path / "bundle")),
                                      folder, "/model")
     assert compiled.returncode == 0, compiled.stderr
     checked = check_as_the_slim_image_does(tmp_path / "bundle")
-    vocab = json.loads((folder / "model-card.json").read_text())["classes"]
     assert checked.returncode == 0, checked.stderr
-    assert f"classes={vocab}" in checked.stdout and "backend=onnx" in checked.stdout
+    assert f"classes={classes_of(folder)}" in checked.stdout
 
 
-def test_a_students_checked_bundle_is_taken_as_it_is(tiny_export, tmp_path):
-    """`docker build --build-arg BUNDLE=trained/bundle .`: copied by a stage that runs nothing (so
-    no torch is installed) and checked without torch by the last stage."""
-    folder = student_folder(tiny_export, tmp_path)
-    assert "RUN" not in stage(DOCKERFILE, "bundle-from-folder")
-    checked = check_as_the_slim_image_does(folder / "bundle")
-    assert checked.returncode == 0, checked.stderr
-    assert f"classes={json.loads((folder / 'model-card.json').read_text())['classes']}" in checked.stdout
-
-
-@pytest.mark.parametrize("stale", ["export.detector.npz", "model-card.json"])
+@pytest.mark.parametrize("stale", ["export.detector.npz", "model-card.json", "bundle"])
 def test_a_model_folder_holding_another_exports_file_is_refused_in_one_line(tiny_export, other_export, tmp_path,
                                                                             stale):
-    """A new export copied over an old model's folder, beside the old detector or card."""
+    """A new export copied over an old model's folder, beside the old detector, card or bundle:
+    the image's build stops at its first step, and app.compile refuses the same folder."""
     folder = student_folder(tiny_export, tmp_path)
-    shutil.copyfile(other_export.parent / stale, folder / stale)
-    result = subprocess.run([sys.executable, "-m", "app.compile", str(folder / "export.pkl"), "--out",
-                             str(tmp_path / "bundle")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2
-    assert result.stderr.count("\n") == 1, result.stderr
-    assert "was made for another export" in result.stderr or "was written for another export" in result.stderr
-    assert stale in result.stderr
-    assert not (tmp_path / "bundle" / "manifest.json").exists()
+    (shutil.rmtree if stale == "bundle" else Path.unlink)(folder / stale)
+    copy = shutil.copytree if stale == "bundle" else shutil.copyfile
+    copy(other_export.parent / stale, folder / stale)
+    chosen = choose_bundle(folder)
+    assert chosen.returncode == 1 and chosen.stdout == ""
+    assert chosen.stderr.count("\n") == 1 and "was made for another export" in chosen.stderr, chosen.stderr
+    if stale != "bundle":
+        result = subprocess.run([sys.executable, "-m", "app.compile", str(folder / "export.pkl"), "--out",
+                                 str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert stale in result.stderr and "for another export" in result.stderr
+        assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_folder_without_a_model_is_refused_in_one_line(tmp_path):
+    chosen = choose_bundle(tmp_path)
+    assert chosen.returncode == 1 and chosen.stderr.count("\n") == 1
+    assert "holds neither export.pkl nor a bundle" in chosen.stderr
+
+
+def test_choose_bundle_reads_the_files_the_project_writes():
+    sys.path.insert(0, str(ROOT / "deploy"))
+    try:
+        import choose_bundle as chooser
+    finally:
+        sys.path.remove(str(ROOT / "deploy"))
+    from app.building.finish import BUNDLE_NAME, CARD_NAME, EXPORT_NAME
+    from app.core.bundle import MANIFEST_NAME
+    from app.core.detector import detector_path
+
+    assert (chooser.MANIFEST, chooser.EXPORT, chooser.CARD) == (MANIFEST_NAME, EXPORT_NAME, CARD_NAME)
+    assert chooser.DETECTOR == detector_path(Path(EXPORT_NAME)).name and BUNDLE_NAME == "bundle"
+    export = ROOT / "models" / "export.pkl"
+    assert chooser.detector_export(ROOT / "models" / chooser.DETECTOR) == chooser.sha256_of(export)
 
 
 def test_the_recipes_give_each_platform_the_port_health_check_memory_and_concurrency():

@@ -161,6 +161,19 @@ def test_a_non_image_shows_the_servers_message_and_the_page_stays_usable(server,
     assert view.page.locator(".card .verdict").count() == 1
 
 
+def test_a_platforms_own_413_is_explained(server, open_page):
+    """A platform in front of the service (Vercel takes 4.5 MB) answers an upload over its limit
+    with its own page, not the service's JSON: the page still says what happened. The platform is
+    not here, so its answer is played by the browser's request routing."""
+    view = open_page(server.url)
+    view.page.route("**/upload", lambda route: route.fulfill(status=413, content_type="text/html",
+                                                           body="<html><h1>413 Request Entity Too Large</h1></html>"))
+    view.choose(("big.jpg", jpeg(), "image/jpeg"))
+    view.wait_done()
+    assert "too large to send here" in view.page.inner_text(".card.error .status")
+    view.errors[:] = [e for e in view.errors if "413" not in e]
+
+
 def test_labels_are_inserted_as_text_not_html(server, open_page):
     view = open_page(server.url)
     view.choose(('<img src=x onerror="window.pwned=1">.jpg', jpeg(), "image/jpeg"))

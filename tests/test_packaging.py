@@ -61,26 +61,22 @@ def test_every_requirement_is_pinned():
 
 def test_dockerfile_builds_the_slim_image_by_default_and_the_full_one_as_a_target():
     """Render, Hugging Face and Railway build the last stage and cannot be told another: it is the
-    bundle served without torch. The bundle is compiled from MODEL's export, or taken from BUNDLE
-    in a stage that installs nothing, so that only the chosen one is built."""
+    bundle served without torch. The bundle stage installs torch only for an export to compile."""
     dockerfile = (ROOT / "Dockerfile").read_text()
     stages = re.findall(r"^FROM (\S+) AS (\S+)", dockerfile, re.M)
     assert stages == [("python:3.11-slim-bookworm", "base"), ("base", "full-runtime"), ("full-runtime", "full"),
-                      ("full-runtime", "bundle-from-export"), ("base", "bundle-from-folder"),
-                      ("bundle-from-${BUNDLE_FROM:-export}", "bundle"), ("base", "slim")]
-    assert re.search(r"^ARG MODEL=models$", dockerfile, re.M) and re.search(r"^ARG BUNDLE=$", dockerfile, re.M)
-    assert re.search(r"^ARG BUNDLE_FROM=\$\{BUNDLE:\+folder\}$", dockerfile, re.M)
+                      ("base", "bundle"), ("base", "slim")]
+    assert re.search(r"^ARG MODEL=models$", dockerfile, re.M)
     slim = dockerfile.split("AS slim")[1]
     assert "requirements-serve.txt" in slim and "requirements.txt" not in slim.replace("requirements-serve.txt", "")
     assert "COPY --from=bundle /bundle" in slim and "MODEL_PATH=/srv/models/bundle" in slim
     assert "RUN python -m app --check" in slim and re.search(r"^USER 10001", slim, re.M)
-    from_export = dockerfile.split("AS bundle-from-export")[1].split("FROM ")[0]
-    assert "COPY ${MODEL}/ /model/" in from_export
-    assert "python -m app.compile /model/export.pkl --out /bundle" in from_export
-    from_folder = dockerfile.split("AS bundle-from-folder")[1].split("FROM ")[0]
-    assert "COPY ${BUNDLE}/ /bundle/" in from_folder and "RUN" not in from_folder
+    bundle = dockerfile.split("AS bundle\n")[1].split("FROM ")[0]
+    assert "COPY ${MODEL}/ /model/" in bundle and 'if [ "$(cat /chosen)" = /model/export.pkl ]; then' in bundle
     full = dockerfile.split("AS full\n")[1].split("FROM ")[0]
     assert "RUN python -m app --check" in full and re.search(r"^USER 10001", full, re.M)
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {"deploy", "!deploy/install-serving.sh", "!deploy/choose_bundle.py"} <= set(ignored)
 
 
 def test_zeit_config_is_a_docker_deployment():
