@@ -15,7 +15,7 @@ from support import BEARS, ROOT, AppProcess, drawn_teddy
 
 APP = ROOT / "app"
 # What each part may import from the project (besides itself). Entry modules (app/__main__.py,
-# app/train.py, app/clean.py, app/evaluate.py) sit on top and may import anything.
+# app/train.py, app/clean.py, app/evaluate.py, app/compile.py, app/predict.py) sit on top and may import anything.
 ALLOWED = {
     "app.core": set(),
     "app.web": {"app.core"},
@@ -24,7 +24,7 @@ ALLOWED = {
     "app.building": {"app.core", "app.learner", "app.web", "app.arch"},
     "app.arch": set(),
 }
-ENTRY_MODULES = {"app", "app.__main__", "app.train", "app.clean", "app.evaluate", "app.compile"}
+ENTRY_MODULES = {"app", "app.__main__", "app.train", "app.clean", "app.evaluate", "app.compile", "app.predict"}
 # app.arch registers backbones with fastai when imported (so it imports torch and fastai): it is
 # imported where a backbone is needed, as the heavy library it wraps, and nowhere else lazily.
 LAZY_ALLOWED = {"app.arch"}

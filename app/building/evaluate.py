@@ -81,10 +81,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_model(model_path: Path, threads: int, with_features: bool | None = None,
-               code: Path | None = None) -> tuple[Predictor, Detector | None, LoadedModel]:
+               code: Path | None = None, single_label: bool = True) -> tuple[Predictor, Detector | None, LoadedModel]:
     """The predictor and detector the server would build for this export (its self-check included),
     and the learner. `with_features=True` makes the predictor output the pooled features even when
-    the export has no detector (to compare detectors on it)."""
+    the export has no detector (to compare detectors on it); `single_label=False` also takes a
+    multi-label model, which the figures of app.evaluate do not describe."""
     if not model_path.is_file():
         what = "is a folder, not an export" if model_path.is_dir() else "not found"
         raise UsageError(f"model {model_path} {what}: pass --model PATH to an export.pkl")
@@ -97,7 +98,7 @@ def load_model(model_path: Path, threads: int, with_features: bool | None = None
                                     onnx_cache_path(file.path, file.sha256, features))
     except ModelLoadError as exc:
         raise UsageError(str(exc)) from None
-    if predictor.threshold is not None:
+    if single_label and predictor.threshold is not None:
         raise UsageError(f"{model_path} is a multi-label model: app.evaluate measures single-label classifiers "
                          "(one class folder per photo)")
     return predictor, detector, model
