@@ -21,6 +21,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -83,7 +84,7 @@ def load(model: Path, threads: int) -> tuple[Predictor, Detector | None, list[st
 
 
 def classify(files: list[Path], predictor: Predictor, detector: Detector | None, vocab: list[str],
-             batch: int) -> Iterator[Answer]:
+             batch: int, threads: int) -> Iterator[Answer]:
     """Each file's answer, in the order given, a batch of prepared photos (of one input shape) at a
     time; a file that cannot be read waits for its place in the order."""
     pending: list[tuple[Path, np.ndarray | dict[str, str]]] = []
@@ -98,18 +99,25 @@ def classify(files: list[Path], predictor: Predictor, detector: Detector | None,
                 yield Answer(path, None, item)
         pending.clear()
 
-    for path in files:
-        item: np.ndarray | dict[str, str]
+    def prepared(path: Path) -> np.ndarray | dict[str, str]:
         try:
-            item = prepare_image(path.read_bytes(), predictor)
+            return prepare_image(path.read_bytes(), predictor)
         except DomainError as exc:
-            item = {"code": exc.code, "message": exc.message}
+            return {"code": exc.code, "message": exc.message}
         except OSError as exc:
-            item = {"code": "unreadable", "message": exc.strerror or str(exc)}
-        arrays = [a for _, a in pending if isinstance(a, np.ndarray)]
-        if isinstance(item, np.ndarray) and arrays and (len(arrays) == batch or item.shape != arrays[0].shape):
-            yield from run()
-        pending.append((path, item))
+            return {"code": "unreadable", "message": exc.strerror or str(exc)}
+
+    # Decoding is most of the work and Pillow releases the GIL: photos are decoded on `threads`
+    # threads, a few batches ahead, so that memory stays bounded however many photos there are.
+    with ThreadPoolExecutor(threads) as pool:
+        ahead = batch * 4
+        for start in range(0, len(files), ahead):
+            chunk = files[start:start + ahead]
+            for path, item in zip(chunk, pool.map(prepared, chunk), strict=True):
+                arrays = [a for _, a in pending if isinstance(a, np.ndarray)]
+                if isinstance(item, np.ndarray) and arrays and (len(arrays) == batch or item.shape != arrays[0].shape):
+                    yield from run()
+                pending.append((path, item))
     if pending:
         yield from run()
 
@@ -147,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         files = photos(args.paths)
         if not files:
             raise UsageError(f"no photos in {', '.join(map(str, args.paths))}")
-        predictor, detector, vocab = load(args.model, threads_or_all(args.threads))
-        answers = classify(files, predictor, detector, vocab, args.batch)
+        threads = threads_or_all(args.threads)
+        predictor, detector, vocab = load(args.model, threads)
+        answers = classify(files, predictor, detector, vocab, args.batch, threads)
         csv_file = args.csv.open("w", newline="") if args.csv else None
         if csv_file is not None:
             answers = write_rows(answers, vocab, csv_file)
