@@ -109,7 +109,7 @@ def test_a_model_folder_holding_another_exports_file_is_refused_in_one_line(tiny
         result = subprocess.run([sys.executable, "-m", "app.compile", str(folder / "export.pkl"), "--out",
                                  str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-        assert stale in result.stderr and "for another export" in result.stderr
+        assert stale in result.stderr and "was made for another export" in result.stderr
         assert not (tmp_path / "out" / "manifest.json").exists()
 
 

@@ -184,7 +184,7 @@ def open_model_file(path: Path, expected_sha256: str | None = None) -> ModelFile
     if isinstance(written_for, str) and written_for != sha256:
         # A folder put together by hand (a new export beside the old model's files) must not
         # describe one model with another's figures.
-        raise ModelLoadError(f"model-card.json beside {path.name} was written for another export (sha256 "
+        raise ModelLoadError(f"model-card.json beside {path.name} was made for another export (sha256 "
                              f"{written_for[:12]}, not {sha256[:12]}): copy the card made with this export, "
                              "or remove it")
     return ModelFile(path, sha256, card)
