@@ -138,6 +138,10 @@ class LocalHTTPServer:
 # --- A real server process -----------------------------------------------------------------------
 
 
+# What the slim image does not install: made unimportable where a test serves as it does.
+HEAVY = ("torch", "torchvision", "fastai", "fastcore")
+
+
 def unimportable_env(names: tuple[str, ...]) -> dict[str, str]:
     """Environment variables that make these packages unimportable in a Python process and its
     children (tests/unimportable/sitecustomize.py)."""

@@ -14,6 +14,7 @@ import pytest
 import requests
 from support import (
     BEARS,
+    HEAVY,
     NO_BEARS,
     ROOT,
     AppProcess,
@@ -28,7 +29,6 @@ from app.core.detector import Detector
 from app.core.files import sha256_file
 from app.core.model_file import ModelLoadError
 
-HEAVY = ("torch", "torchvision", "fastai", "fastcore")
 # What the slim image leaves out (see deploy/install-serving.sh): packages the onnxruntime wheel requires but
 # only its model-conversion tools import, and shared libraries no serving code path loads.
 NOT_IN_THE_SLIM_IMAGE = ("google", "flatbuffers", "numpy.f2py")

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import ROOT, can_mount_read_only
+from support import HEAVY, ROOT, can_mount_read_only
 
 from app.serving.config import Settings, cgroup_cpu_quota, usable_cpus
 
-HEAVY = ("torch", "torchvision", "fastai", "fastcore")
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from support import BEARS, ROOT, AppProcess, drawn_teddy
+from support import BEARS, HEAVY, ROOT, AppProcess, drawn_teddy
 
 APP = ROOT / "app"
 # What each part may import from the project (besides itself). Entry modules (app/__main__.py,
@@ -28,7 +28,6 @@ ENTRY_MODULES = {"app", "app.__main__", "app.train", "app.clean", "app.evaluate"
 # app.arch registers backbones with fastai when imported (so it imports torch and fastai): it is
 # imported where a backbone is needed, as the heavy library it wraps, and nowhere else lazily.
 LAZY_ALLOWED = {"app.arch"}
-HEAVY = ("torch", "torchvision", "fastai", "fastcore")
 MAX_LINES = 350
 
 

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from support import ROOT, AppProcess, image_bytes, synthetic_image, unimportable_env
-
-HEAVY = ("torch", "torchvision", "fastai", "fastcore")
+from support import HEAVY, ROOT, AppProcess, image_bytes, synthetic_image, unimportable_env
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,7 @@ def photos(paths: list[Path]) -> list[Path]:
 def load(model: Path, threads: int) -> tuple[Predictor, Detector | None, list[str]]:
     """The predictor, detector and classes the server would serve `model` with."""
     try:
-        if model.is_dir() and is_bundle(model):
+        if is_bundle(model):
             bundle = load_bundle(model, threads)
             return bundle.predictor, bundle.detector, bundle.manifest.classes
     except ModelLoadError as exc:

@@ -17,7 +17,6 @@ when a new request's headers are complete, and `on_response_complete`).
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import logging
 from typing import Any, Literal, cast
@@ -93,19 +92,15 @@ class HeaderDeadline:
         self.transport.close()
 
 
-def resolve(implementation: HttpImplementation) -> Literal["httptools", "h11"]:
-    """The parser `auto` stands for: httptools when installed (as uvicorn chooses), else h11."""
-    if implementation != "auto":
-        return implementation
-    return "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
-
-
 def protocol_class(implementation: HttpImplementation, header_timeout_s: float) -> type[asyncio.Protocol]:
-    """uvicorn's protocol class for `implementation`, with the header deadline."""
+    """uvicorn's protocol class for `implementation` (`auto`: uvicorn's own choice, httptools when
+    it is installed), with the header deadline."""
     base: type
-    if resolve(implementation) == "httptools":
+    if implementation == "httptools":
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
-    else:
+    elif implementation == "h11":
         from uvicorn.protocols.http.h11_impl import H11Protocol as base
+    else:
+        from uvicorn.protocols.http.auto import AutoHTTPProtocol as base
     return cast(type[asyncio.Protocol],
                 type(f"HeaderDeadline{base.__name__}", (HeaderDeadline, base), {"header_timeout_s": header_timeout_s}))
