@@ -8,11 +8,15 @@
 # Your own model (README, Deploy):
 #   docker build --build-arg MODEL=trained .   the folder app.train wrote: its checked bundle is
 #                                              taken as it is, without installing torch
+#   docker build --build-arg PRECISION=int8 .  the model's INT8 bundle (README, INT8 bundles)
 
 # The folder the default image's model comes from: what python -m app.train wrote (export.pkl with
 # its export.detector.npz, model-card.json and, when it compiled one, the checked bundle/), or a
 # bundle folder. Without a bundle, the export is compiled at build time.
 ARG MODEL=models
+# fp32 (exact learn.predict parity) or int8: MODEL's bundle-int8/, made by app.train --int8 or
+# app.compile --int8 (about twice the throughput on a CPU with VNNI; README, INT8 bundles).
+ARG PRECISION=fp32
 
 # --- What both images share: settings, the unprivileged user, the health check, the command -----
 FROM python:3.11-slim-bookworm AS base
@@ -63,9 +67,10 @@ USER 10001:10001
 # installed). deploy/choose_bundle.py decides, and refuses a folder holding another export's files.
 FROM base AS bundle
 ARG MODEL
+ARG PRECISION
 COPY requirements.txt requirements-serve.txt deploy/choose_bundle.py ./
 COPY ${MODEL}/ /model/
-RUN python choose_bundle.py /model > /chosen \
+RUN python choose_bundle.py /model "$PRECISION" > /chosen \
     && if [ "$(cat /chosen)" = /model/export.pkl ]; then \
         pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu \
             torch==2.14.1 torchvision==0.29.1 \

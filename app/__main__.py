@@ -36,11 +36,13 @@ def check(settings: Settings) -> int:
         return serving
 
     try:
-        classifier = asyncio.run(load()).classifier
+        serving = asyncio.run(load())
     except ModelLoadError as exc:
         print(f"cannot serve the model: {exc}", file=sys.stderr)
         return STARTUP_FAILURE
-    print(f"ok: {settings.model_path} classes={classifier.model.vocab} backend={classifier.model.predictor.backend}")
+    model = serving.classifier.model
+    print(f"ok: {settings.model_path} classes={model.vocab} backend={model.predictor.backend} "
+          f"precision={serving.precision}")
     return 0
 
 

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.__main__ import ROOT, Server, memory_mb, photo, start_ours
+from bench.servers import ROOT, Server, memory_mb, photo, start_ours
 
 HEAVY = ("torch", "torchvision", "fastai", "fastcore")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.__main__ import ROOT, memory_mb, photo, start_ours
+from bench.servers import ROOT, memory_mb, photo, start_ours
 
 
 async def soak(url: str, pid: int, minutes: float, concurrency: int) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import requests
 
-from bench.__main__ import ROOT, photo
+from bench.servers import ROOT, photo
 
 FILES = ("export.pkl", "export.detector.npz", "model-card.json")
 

@@ -93,6 +93,17 @@ def make_without_resize(folder: Path) -> Path:
     return export(fitted(learn), folder / "no-resize.pkl")
 
 
+def make_raw_scores(folder: Path) -> Path:
+    """fastbook's `Learner(dls, simple_cnn, loss_func=F.cross_entropy)`: a loss without an
+    activation, so learn.predict gives raw scores."""
+    import torch.nn.functional as F
+    from fastai.vision.all import CategoryBlock, ImageBlock, Resize
+
+    learn = image_learner(folder, (ImageBlock, CategoryBlock), item_tfms=Resize(32))
+    learn.loss_func = F.cross_entropy
+    return export(fitted(learn), folder / "raw-scores.pkl")
+
+
 def make_regression(folder: Path) -> Path:
     from fastai.vision.all import ImageBlock, RegressionBlock, Resize
 

@@ -111,7 +111,7 @@ def other_models_detector(folder: Path) -> None:
 
 
 @pytest.mark.parametrize("breakage,message", [
-    (lambda b: edit_manifest(b, format=99), "is of format 99, this server reads format 1"),
+    (lambda b: edit_manifest(b, format=99), "is of format 99, this server reads formats 1 and 2"),
     (lambda b: (b / MODEL_NAME).write_bytes((b / MODEL_NAME).read_bytes() + b"\0"),
      "model.onnx changed since the bundle was made"),
     (lambda b: (b / DETECTOR_NAME).unlink(), "is missing detector.npz: copy the whole bundle folder"),

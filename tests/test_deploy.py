@@ -37,11 +37,12 @@ def run_as_the_image_does(command: str, folder: Path, into: str, env: dict[str, 
                           capture_output=True, text=True, timeout=300)
 
 
-def choose_bundle(folder: Path) -> subprocess.CompletedProcess:
+def choose_bundle(folder: Path, precision: str = "fp32") -> subprocess.CompletedProcess:
     """The bundle stage's first step, on the bare interpreter (`-S`: no site-packages, as the image
-    has none installed yet)."""
-    assert "RUN python choose_bundle.py /model > /chosen" in stage(DOCKERFILE, "bundle")
-    return subprocess.run([sys.executable, "-S", str(ROOT / "deploy" / "choose_bundle.py"), str(folder)],
+    has none installed yet), with the PRECISION build argument (its default: fp32)."""
+    assert 'RUN python choose_bundle.py /model "$PRECISION" > /chosen' in stage(DOCKERFILE, "bundle")
+    assert "ARG PRECISION=fp32" in DOCKERFILE
+    return subprocess.run([sys.executable, "-S", str(ROOT / "deploy" / "choose_bundle.py"), str(folder), precision],
                           capture_output=True, text=True, timeout=60)
 
 
@@ -90,6 +91,28 @@ def test_a_students_export_alone_is_compiled_and_checked_as_the_image_builds_it(
     checked = check_as_the_slim_image_does(tmp_path / "bundle")
     assert checked.returncode == 0, checked.stderr
     assert f"classes={classes_of(folder)}" in checked.stdout
+
+
+def test_precision_int8_ships_the_int8_bundle_app_compile_made_and_refuses_a_folder_without_one(tiny_export,
+                                                                                                 tmp_path):
+    folder = student_folder(tiny_export, tmp_path)
+    missing = choose_bundle(folder, "int8")
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1
+    assert "has no INT8 bundle" in missing.stderr and "--int8 --calibration DATA" in missing.stderr
+    data = tiny_export.parent.parent / "data"  # what the tiny model was trained on (conftest.py)
+    made = subprocess.run([sys.executable, "-m", "app.compile", str(folder / "export.pkl"), "--int8", "--calibration",
+                           str(data), "--out", str(folder / "bundle-int8")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert made.returncode == 0, made.stderr
+    chosen = choose_bundle(folder, "int8")
+    assert chosen.returncode == 0 and chosen.stdout.strip() == str(folder / "bundle-int8"), chosen.stderr
+    assert choose_bundle(folder).stdout.strip() == str(folder / "bundle")
+    checked = check_as_the_slim_image_does(folder / "bundle-int8")
+    assert checked.returncode == 0, checked.stderr
+    assert "precision=int8" in checked.stdout
+    wrong = subprocess.run([sys.executable, "-S", str(ROOT / "deploy" / "choose_bundle.py"), str(folder), "int4"],
+                           capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "usage" in wrong.stderr
 
 
 @pytest.mark.parametrize("stale", ["export.detector.npz", "model-card.json", "bundle"])

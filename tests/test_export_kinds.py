@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from kinds import REFUSED, make_grayscale, make_multi_label, make_without_resize
+from kinds import REFUSED, make_grayscale, make_multi_label, make_raw_scores, make_without_resize
 from support import ROOT, AppProcess, image_bytes, needs_chromium, synthetic_image
 
 PARITY = 2e-6  # the largest probability difference from learn.predict allowed
@@ -67,7 +67,7 @@ def in_vocab_order(body: dict, vocab: list[str]) -> np.ndarray:
 def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("kinds")
     return {make.__name__.removeprefix("make_"): make(root / make.__name__)
-            for make in (make_multi_label, make_grayscale, make_without_resize)}
+            for make in (make_multi_label, make_grayscale, make_without_resize, make_raw_scores)}
 
 
 @pytest.mark.parametrize("kind", sorted(REFUSED))
@@ -149,6 +149,34 @@ def test_a_grayscale_model_sees_photos_as_fastai_opens_them(exports, tmp_path):
         app.stop()
 
 
+def softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = np.exp(scores - scores.max())
+    return shifted / shifted.sum()
+
+
+def test_a_learner_without_an_activation_answers_the_softmax_of_its_raw_scores(exports, tmp_path):
+    export = exports["raw_scores"]
+    paths = probes(tmp_path / "probes", [(48, 40)] * 4)
+    expected = learner_answers(export, paths)
+    # learn.predict's own answer: raw scores, not probabilities (they do not sum to 1).
+    assert any(abs(float(probs.sum()) - 1) > 0.01 for _, probs in expected)
+    app = AppProcess({"MODEL_PATH": str(export)}, tmp_path / "server.log").wait_ready()
+    try:
+        info = requests.get(app.url + "/model").json()
+        assert info["raw_scores"] is True and info["activation"] == "softmax" and info["backend"] == "onnx"
+        for path, (_, scores) in zip(paths, expected, strict=True):
+            probs = in_vocab_order(served(app, path), info["classes"])
+            assert np.abs(probs - softmax(scores)).max() <= PARITY
+            assert abs(float(probs.sum()) - 1) < 1e-5
+    finally:
+        app.stop()
+    other = AppProcess({"MODEL_PATH": str(exports["grayscale"])}, tmp_path / "other.log").wait_ready()
+    try:
+        assert requests.get(other.url + "/model").json()["raw_scores"] is False
+    finally:
+        other.stop()
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_a_model_without_resize_takes_each_photo_at_its_size_under_concurrency(exports, tmp_path, backend):
     export = exports["without_resize"]
@@ -168,7 +196,7 @@ def test_a_model_without_resize_takes_each_photo_at_its_size_under_concurrency(e
         app.stop()
 
 
-@pytest.mark.parametrize("kind", ["grayscale", "without_resize", "multi_label"])
+@pytest.mark.parametrize("kind", ["grayscale", "without_resize", "multi_label", "raw_scores"])
 def test_their_bundles_serve_the_same_answers_without_torch(exports, tmp_path, kind):
     from app.core.bundle import load_bundle
     from app.core.prediction import infer_batch, prepare_image
@@ -181,6 +209,10 @@ def test_their_bundles_serve_the_same_answers_without_torch(exports, tmp_path, k
     paths = probes(tmp_path / "probes", [(48, 40), (70, 52)])
     expected = learner_answers(export, paths)
     bundle = load_bundle(out, threads=1)
+    assert bundle.manifest.raw_scores is (kind == "raw_scores")
+    if kind == "raw_scores":
+        assert bundle.manifest.parity["reference"] == "softmax of learn.predict's raw scores"
+        expected = [(labels, softmax(scores)) for labels, scores in expected]
     for path, (labels, probs) in zip(paths, expected, strict=True):
         (outcome,) = infer_batch(bundle.predictor, None, prepare_image(path.read_bytes(), bundle.predictor)[None])
         assert np.abs(outcome.probs - probs).max() <= PARITY

@@ -47,9 +47,10 @@ def generated_images() -> list[Image.Image]:
     return images
 
 
-def _learner_probs(learn: Any, images: list[Image.Image]) -> np.ndarray:
+def _learner_probs(learn: Any, images: list[Image.Image], raw_scores: bool) -> np.ndarray:
     """learn.predict's probabilities for each image (its get_preds on a test set, in batches), each
-    image first in the mode fastai opens a photo file in for this learner (grayscale for PILImageBW)."""
+    image first in the mode fastai opens a photo file in for this learner (grayscale for PILImageBW);
+    with `raw_scores`, the softmax of the raw scores it gives (`Predictor.raw_scores`)."""
     mode = input_mode(learn)
     images = [img if img.mode == mode else img.convert(mode) for img in images]
     out = []
@@ -57,7 +58,7 @@ def _learner_probs(learn: Any, images: list[Image.Image]) -> np.ndarray:
         for start in range(0, len(images), BATCH):
             dl = learn.dls.test_dl(images[start:start + BATCH], num_workers=0)
             probs = learn.get_preds(dl=dl)[0]
-            out.append(probs.float().numpy())
+            out.append((probs.softmax(dim=-1) if raw_scores else probs).float().numpy())
     return np.concatenate(out)
 
 
@@ -96,10 +97,11 @@ def measure_parity(model: LoadedModel, predictor: Predictor, files: list[Path]) 
         if not images:
             continue
         ours = predictor.infer(np.stack(inputs))[0]
-        theirs = _learner_probs(model.learn, images)
+        theirs = _learner_probs(model.learn, images, predictor.raw_scores)
         worst = max(worst, float(np.abs(ours - theirs).max()))
         disagreements += int((ours.argmax(axis=1) != theirs.argmax(axis=1)).sum())
-    return {"reference": "learn.predict", "generated_images": len(generated), "photos": photos,
+    reference = "softmax of learn.predict's raw scores" if predictor.raw_scores else "learn.predict"
+    return {"reference": reference, "generated_images": len(generated), "photos": photos,
             "max_abs_diff": worst, "top_class_disagreements": disagreements, "tolerance": PARITY_TOLERANCE}
 
 
@@ -135,6 +137,6 @@ def compile_bundle(export: Path, out: Path, check_files: list[Path], threads: in
         classes=model.vocab, preprocess=predictor.prepare.spec(), activation=predictor.activation,
         outputs=["logits", "features"] if with_features else ["logits"],
         source={"file": export.name, "sha256": file.sha256}, versions=installed_versions(), parity=parity,
-        files=files, card=file.card, threshold=predictor.threshold)
+        files=files, card=file.card, threshold=predictor.threshold, raw_scores=predictor.raw_scores)
     write_manifest(out, manifest)
     return manifest

@@ -28,6 +28,7 @@ from app.learner.features import with_features
 
 EXPORT_NAME = "export.pkl"
 BUNDLE_NAME = "bundle"
+INT8_BUNDLE_NAME = "bundle-int8"
 CARD_NAME = "model-card.json"
 PLOTS = ("confusion-matrix.png", "top-losses.png")
 

@@ -14,8 +14,10 @@ way the server runs the model.
 
 Writes OUT/export.pkl (`learn.export()`), OUT/export.detector.npz, OUT/model-card.json,
 OUT/confusion-matrix.png, OUT/top-losses.png and OUT/bundle/ (the checked bundle that serves
-without torch, `app.compile`); an existing export in OUT is replaced only with `--overwrite`.
-Exits 2 with a one-line message on bad input.
+without torch, `app.compile`); with `--int8`, also OUT/bundle-int8/ (`app.building.int8`:
+calibrated on the training split, its agreement with the FP32 model measured on the validation
+split; exit 2 after everything else is written if it misses its contract). An existing export in
+OUT is replaced only with `--overwrite`. Exits 2 with a one-line message on bad input.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from app.building.cli import UsageError, parser, run_command
+from app.building.cli import USAGE_ERROR, UsageError, parser, run_command
 from app.building.datasets import REJECTED_DIR, image_files, require_classes
 from app.building.download import DownloadReport, download_images, parse_url_specs
-from app.building.finish import BUNDLE_NAME, CARD_NAME, EXPORT_NAME, complete
+from app.building.finish import BUNDLE_NAME, CARD_NAME, EXPORT_NAME, INT8_BUNDLE_NAME, complete
+from app.building.int8 import ContractNotMet, agreement_summary, quantize_bundle
 from app.building.linear_head import fit_linear_head
 from app.building.measure import unfamiliar_files
 from app.building.recipe import (
@@ -124,6 +127,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="share of validation photos the detector's threshold keeps familiar")
     p.add_argument("--unfamiliar", type=Path, metavar="OTHER",
                    help="photos of no class: their flagged rates go in the model card (never tune on them)")
+    p.add_argument("--int8", action="store_true",
+                   help="also write OUT/bundle-int8, the INT8 bundle (faster on most CPUs; README, INT8 bundles)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (also off when output is not a terminal)")
     args = p.parse_args(argv)
     if args.head == "auto":
@@ -223,12 +228,31 @@ def main(argv: list[str] | None = None) -> int:
         else:
             args.head_fit = None
             seconds = fit(learn, args.epochs, args.freeze_epochs, args.pretrained, args.lr, show_progress)
-        card, no_bundle = complete(learn, train_files, split_files(dls.valid_ds), seconds, args, counts, argv,
-                                   train_outputs)
+        valid_files = split_files(dls.valid_ds)
+        card, no_bundle = complete(learn, train_files, valid_files, seconds, args, counts, argv, train_outputs)
+        int8_line, int8_made = int8_bundle(args, train_files, valid_files, no_bundle) if args.int8 else (None, True)
         print_summary(card, rejected, report, args, no_bundle)
-        return 0
+        if int8_line:
+            print(int8_line)
+        return 0 if int8_made else USAGE_ERROR
 
     return run_command(run)
+
+
+def int8_bundle(args: argparse.Namespace, train_files: list[Path], valid_files: list[Path],
+                no_bundle: str | None) -> tuple[str, bool]:
+    """OUT/bundle-int8 from OUT/bundle: what to print, and whether it was made."""
+    if no_bundle:
+        return f"no INT8 bundle: there is no FP32 bundle to quantize ({no_bundle})", False
+    how = {"data": str(args.data), "split": f"app.train's split of {args.data.name} (seed {args.seed}, "
+                                            f"{args.valid_pct:.0%} held out for validation)"}
+    out = args.out / INT8_BUNDLE_NAME
+    try:
+        manifest = quantize_bundle(args.out / BUNDLE_NAME, out, train_files, valid_files, os.cpu_count() or 1, how,
+                                   keep=args.detector_keep)
+    except ContractNotMet as exc:
+        return f"no INT8 bundle: {exc}; or serve {args.out / BUNDLE_NAME}", False
+    return agreement_summary(manifest, out), True
 
 
 def split_files(dataset: Any) -> list[Path]:

@@ -24,10 +24,14 @@ from app.core.preprocess import FastPreprocess
 from app.core.runner import ACTIVATIONS, Predictor, inference, onnx_runner
 
 # Bump when the meaning of a manifest field changes: a server never guesses at another format.
-BUNDLE_FORMAT = 1
+# 2 added `precision`, `quantization`, `agreement` and `raw_scores`; a format 1 bundle is FP32, of
+# a learner with an activation, and is still read.
+BUNDLE_FORMAT = 2
+READ_FORMATS = (1, BUNDLE_FORMAT)
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
 DETECTOR_NAME = "detector.npz"
+BUNDLE_FILES = (MANIFEST_NAME, MODEL_NAME, DETECTOR_NAME)
 REMAKE = "make it again with python -m app.compile EXPORT --out DIR"
 
 
@@ -43,6 +47,10 @@ class BundleManifest:
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
     card: dict[str, Any] | None = None  # the export's model card, when it had one
     threshold: float | None = None  # a multi-label model's decision threshold (`Predictor.threshold`)
+    raw_scores: bool = False  # learn.predict gives raw scores, served as their softmax (`Predictor.raw_scores`)
+    precision: str = "fp32"  # "int8": a quantized copy of the FP32 graph (`app.building.int8`)
+    quantization: dict[str, Any] | None = None  # int8: how, and the calibration photos
+    agreement: dict[str, Any] | None = None  # int8: its answers against the FP32 graph's, on validation photos
     format: int = BUNDLE_FORMAT
 
     @property
@@ -51,8 +59,9 @@ class BundleManifest:
 
     def describe(self) -> dict[str, Any]:
         """What `/model` says about the bundle being served."""
-        return {"format": self.format, "source": self.source, "versions": self.versions, "parity": self.parity,
-                "files": self.files}
+        return {"format": self.format, "precision": self.precision, "source": self.source,
+                "versions": self.versions, "parity": self.parity, "quantization": self.quantization,
+                "agreement": self.agreement, "files": self.files}
 
 
 @dataclass(frozen=True)
@@ -78,9 +87,10 @@ def read_manifest(folder: Path) -> BundleManifest:
         raw = json.loads(where.read_text())
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"bundle {folder}: {MANIFEST_NAME} is unreadable ({exc}); {REMAKE}") from None
-    if not isinstance(raw, dict) or raw.get("format") != BUNDLE_FORMAT:
+    if not isinstance(raw, dict) or raw.get("format") not in READ_FORMATS:
         found = raw.get("format") if isinstance(raw, dict) else None
-        raise ModelLoadError(f"bundle {folder} is of format {found!r}, this server reads format {BUNDLE_FORMAT}: "
+        raise ModelLoadError(f"bundle {folder} is of format {found!r}, this server reads formats "
+                             f"{' and '.join(map(str, READ_FORMATS))}: "
                              f"{REMAKE} with this version of Cuddle or Not")
     try:
         return BundleManifest(**raw)
@@ -144,6 +154,7 @@ def load_bundle(folder: Path, threads: int) -> LoadedBundle:
     predictor = Predictor(prepare=prepare, infer=inference(run, ACTIVATIONS[manifest.activation]), backend="onnx",
                           preprocessing="pillow-numpy", draft_size=prepare.draft_size,
                           activation="softmax" if manifest.activation == "softmax" else "sigmoid",
-                          onnx_path=folder / MODEL_NAME, threshold=manifest.threshold)
+                          onnx_path=folder / MODEL_NAME, threshold=manifest.threshold,
+                          raw_scores=manifest.raw_scores)
     _probe(folder, manifest, prepare, predictor, detector)
     return LoadedBundle(ModelFile(folder, manifest.source_sha256, manifest.card), manifest, predictor, detector)

@@ -28,7 +28,7 @@ from app.core.runner import ACTIVATIONS, Predictor, inference, onnx_cache_path, 
 log = logging.getLogger(__name__)
 
 # Bump when the meaning of a manifest field changes, so that older manifests are not trusted.
-MANIFEST_FORMAT = 2
+MANIFEST_FORMAT = 3
 # Everything that shapes what the learner predicts or how its preprocessing is reproduced.
 VERSIONED_PACKAGES = ("fastai", "fastcore", "torch", "torchvision", "onnxruntime", "numpy", "pillow")
 
@@ -43,6 +43,7 @@ class Manifest:
     versions: dict[str, str]
     features: bool = False  # the ONNX graph also outputs the detector's pooled features
     threshold: float | None = None  # a multi-label model's decision threshold (`Predictor.threshold`)
+    raw_scores: bool = False  # learn.predict gives raw scores (`Predictor.raw_scores`)
     format: int = MANIFEST_FORMAT
 
     def serves_like(self, other: Manifest) -> bool:
@@ -108,7 +109,8 @@ def manifest_for(file: ModelFile, predictor: Predictor, vocab: list[str], with_f
         return None
     return Manifest(export_sha256=file.sha256, onnx_sha256=sha256_file(predictor.onnx_path), vocab=list(vocab),
                     preprocess=predictor.prepare.spec(), activation=predictor.activation,
-                    versions=installed_versions(), features=with_features, threshold=predictor.threshold)
+                    versions=installed_versions(), features=with_features, threshold=predictor.threshold,
+                    raw_scores=predictor.raw_scores)
 
 
 def save_manifest(onnx_path: Path, manifest: Manifest) -> None:
@@ -154,5 +156,5 @@ def _load_compiled_from(folder: Path, file: ModelFile, threads: int, with_featur
 
     predictor = Predictor(prepare=prepare, infer=inference(run, to_probs), backend="onnx", preprocessing="pillow-numpy",
                           draft_size=prepare.draft_size, activation=manifest.activation, onnx_path=onnx_path,
-                          threshold=manifest.threshold)
+                          threshold=manifest.threshold, raw_scores=manifest.raw_scores)
     return CompiledModel(predictor, list(manifest.vocab), manifest)

@@ -44,6 +44,9 @@ class Predictor:
     # A multi-label model's decision threshold (its loss function's, as learn.predict decodes
     # with it): every class whose probability is above it is in the answer. None: single-label.
     threshold: float | None = None
+    # The learner's loss function has no activation (fastbook's `loss_func=F.cross_entropy`):
+    # learn.predict gives raw scores, and the probabilities served are their softmax.
+    raw_scores: bool = False
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

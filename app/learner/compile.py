@@ -24,7 +24,13 @@ from app.core.files import write_atomically
 from app.core.model_file import ModelLoadError
 from app.core.runner import Backend, BackendChoice, Predictor, Preprocess, Runner, inference, onnx_runner
 from app.learner.features import with_features as split_features
-from app.learner.reproduce import activation, decision_threshold, fast_preprocess_from, fastai_preprocess
+from app.learner.reproduce import (
+    activation,
+    decision_threshold,
+    fast_preprocess_from,
+    fastai_preprocess,
+    gives_raw_scores,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +141,7 @@ def build_predictor(learn: Any, threads: int, backend: BackendChoice = "auto", w
     backend_used: Backend = "onnx" if used == "onnx" else "torch"
     return Predictor(prepare=prepare, infer=inference(run, to_probs), backend=backend_used,
                      preprocessing=preprocessing, draft_size=draft, activation=activation_name, onnx_path=kept_at,
-                     threshold=decision_threshold(learn, activation_name))
+                     threshold=decision_threshold(learn, activation_name), raw_scores=gives_raw_scores(learn))
 
 
 def _onnx_with_cache(model: Any, checks: list[np.ndarray], cache: Path | None, threads: int, with_features: bool,

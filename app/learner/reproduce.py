@@ -124,6 +124,13 @@ def activation(learn: Any) -> tuple[Activation, Callable[[np.ndarray], np.ndarra
     return "custom", learners_own
 
 
+def gives_raw_scores(learn: Any) -> bool:
+    """Whether learn.predict gives raw scores: its loss function has no activation, as fastbook's
+    `Learner(dls, model, loss_func=F.cross_entropy)`. The server answers their softmax, the
+    probabilities that a cross-entropy loss trains; fastai's own losses all have an activation."""
+    return getattr(learn.loss_func, "activation", None) is None
+
+
 def decision_threshold(learn: Any, activation_name: Activation) -> float | None:
     """A multi-label learner's threshold: its loss function's `thresh` (fastai's
     BCEWithLogitsLossFlat decodes `probability > thresh`, 0.5 by default); None for a single-label

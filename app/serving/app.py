@@ -93,8 +93,9 @@ def create_app(settings: Settings, policy: AddressPolicy | None = None,
         learner = {LearnerState.LOADING: "learner loading in the background; serving the compiled model checked "
                                          "on an earlier start",
                    LearnerState.NOT_USED: "a checked bundle, no learner"}.get(serving.learner, "learner loaded")
-        log.info("ready: %s (%s, %s preprocessing, %s) classes=%s threads=%d", model.file.path,
-                 model.predictor.backend, model.predictor.preprocessing, learner, model.vocab, settings.threads)
+        log.info("ready: %s (%s, %s preprocessing, %s) classes=%s precision=%s threads=%d", model.file.path,
+                 model.predictor.backend, model.predictor.preprocessing, learner, model.vocab, serving.precision,
+                 settings.threads)
         reloading = ReloadOnSighup(serving, settings, metrics)
         try:
             yield

@@ -83,7 +83,11 @@ async def model_info(request: Request) -> JSONResponse:
           a checked compiled model first; "not used" for a bundle), the bundle (its source export,
           versions and parity evidence; null when an export is served), its unfamiliar-image
           detector (method, threshold, validation false-flag rate; null if it has none), its
-          model card, and whether this server keeps corrections (`feedback`, see POST /feedback).
+          model card, `precision` ("fp32", or "int8" for a quantized bundle, whose `bundle.agreement`
+          says how close its answers are to the FP32 model's), `activation` (what turns the model's
+          outputs into the probabilities answered, softmax or sigmoid), `raw_scores` (true when the
+          learner's loss has no activation, so learn.predict gives raw scores, and the answers are
+          their softmax), and whether this server keeps corrections (`feedback`, see POST /feedback).
       503:
         description: The model is not loaded yet.
     """
@@ -97,6 +101,9 @@ async def model_info(request: Request) -> JSONResponse:
         "sha256": model.file.sha256,
         "backend": model.predictor.backend,
         "preprocessing": model.predictor.preprocessing,
+        "precision": serving.precision,
+        "activation": model.predictor.activation,
+        "raw_scores": model.predictor.raw_scores,
         "learner": serving.learner_status(),
         "bundle": serving.bundle.describe() if serving.bundle else None,
         "detector": model.detector.describe() if model.detector else None,

@@ -64,6 +64,11 @@ class Serving:
     background: asyncio.Task | None = None
     bundle: BundleManifest | None = None  # what a bundle says of itself, when one is served
 
+    @property
+    def precision(self) -> str:
+        """"int8" for a quantized bundle; an export or an FP32 bundle answers in full precision."""
+        return self.bundle.precision if self.bundle is not None else "fp32"
+
     def learner_status(self) -> str:
         """What `/model` says: loaded, loading, or failed: <reason>."""
         if self.learner is LearnerState.FAILED:
