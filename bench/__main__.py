@@ -13,7 +13,6 @@ one table with ratios. Everything is measured in this one run on this machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bench.bare import in_own_process
 from bench.precision import compare
 from bench.servers import ROOT, LoadResult, Server, photo, start_baseline, start_ours
 
@@ -79,10 +79,7 @@ def bare_onnx(model: Path, batch: int, seconds: float = 4.0) -> dict[str, float]
 
     # The file the server compiled: with the detector's second output when the model has one.
     compiled = onnx_cache_path(model, sha256_file(model), with_features=detector_path(model).exists())
-    out = subprocess.run([sys.executable, "-m", "bench.bare", str(compiled),
-                          str(batch), str(seconds), str(os.cpu_count() or 1)],
-                         cwd=ROOT, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+    return in_own_process(compiled, batch, seconds)
 
 
 def bare_torch(model: Path, batch: int, seconds: float = 4.0) -> float:

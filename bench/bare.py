@@ -8,6 +8,8 @@ it). Prints JSON: images per second and CPU milliseconds per image.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +36,14 @@ def measure(onnx: Path, batch: int, seconds: float, threads: int) -> dict[str, f
         run(x)
         n += batch
     return {"rate": n / (time.perf_counter() - t0), "cpu_ms": (time.process_time() - cpu0) * 1000 / n}
+
+
+def in_own_process(onnx: Path, batch: int, seconds: float = 4.0) -> dict[str, float]:
+    """`measure` in a fresh process on every core: {"rate": images/s, "cpu_ms": CPU ms per image}."""
+    out = subprocess.run([sys.executable, "-m", "bench.bare", str(onnx), str(batch), str(seconds),
+                          str(os.cpu_count() or 1)], cwd=Path(__file__).resolve().parent.parent,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
 
 
 if __name__ == "__main__":

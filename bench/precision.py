@@ -10,7 +10,6 @@ unfamiliar-image detector's flagged rates, and real bears answered "teddys" with
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.bare import in_own_process
 from bench.servers import ROOT, LoadResult, Server, start_baseline, start_ours
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -25,9 +25,7 @@ BATCH = 8  # the service's MAX_BATCH default
 
 
 def bare(onnx: Path, batch: int, seconds: float = 4.0) -> float:
-    out = subprocess.run([sys.executable, "-m", "bench.bare", str(onnx), str(batch), str(seconds),
-                          str(os.cpu_count() or 1)], cwd=ROOT, capture_output=True, text=True, check=True)
-    return float(json.loads(out.stdout)["rate"])
+    return in_own_process(onnx, batch, seconds)["rate"]
 
 
 def serving(folder: Path, image: Path, levels: list[int], seconds: float, max_requests: int) -> list[str]:
@@ -40,7 +38,7 @@ def serving(folder: Path, image: Path, levels: list[int], seconds: float, max_re
         for c in levels:
             for name, server in servers.items():
                 results[(name, c)] = LoadResult.run(server, image, c, seconds, max_requests)
-        rounds = [(bare(folder / "bundle-int8" / "model.onnx", BATCH),
+        rounds = [(in_own_process(folder / "bundle-int8" / "model.onnx", BATCH),
                    LoadResult.run(servers["INT8 bundle"], image, levels[-1], seconds, max_requests)) for _ in range(3)]
         fp32_bare = bare(folder / "bundle" / "model.onnx", BATCH)
         int8_one = bare(folder / "bundle-int8" / "model.onnx", 1)
@@ -48,9 +46,11 @@ def serving(folder: Path, image: Path, levels: list[int], seconds: float, max_re
     finally:
         for server in servers.values():
             server.stop()
-    lines = ["| server | clients | p50 ms | p99 ms | req/s | ok | errors |", "|---|---:|---:|---:|---:|---:|---|"]
+    lines = ["| server | clients | p50 ms | p99 ms | req/s | ok | errors | CPU ms/req server + load gen. |",
+             "|---|---:|---:|---:|---:|---:|---|---:|"]
     for (name, c), r in results.items():
-        lines.append(f"| {name} | {c} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.rps:.1f} | {r.ok} | {r.errors or '-'} |")
+        lines.append(f"| {name} | {c} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.rps:.1f} | {r.ok} | {r.errors or '-'} | "
+                     f"{r.server_cpu_ms:.1f} + {r.client_cpu_ms:.1f} |")
     lines.append("")
     top, starter = levels[-1], "course starter"
     for name in ("INT8 bundle", "FP32 bundle"):
@@ -58,11 +58,15 @@ def serving(folder: Path, image: Path, levels: list[int], seconds: float, max_re
         faster = results[(name, top)].rps / results[(starter, top)].rps
         lines.append(f"{name}: p50 at 1 client {lower:.1f}x lower than the course starter's; at {top} clients "
                      f"{faster:.1f}x its throughput; peak RSS {rss[name]:.0f} MB (starter {rss[starter]:.0f} MB)")
-    ratios = [load.rps / rate for rate, load in rounds]
+    ratios = [load.rps / figures["rate"] for figures, load in rounds]
     lines.append(f"INT8 bundle at {top} clients against its bare forward pass at batch {BATCH}, alternating rounds: "
-                 + "; ".join(f"{load.rps:.0f} req/s vs {rate:.0f} img/s" for rate, load in rounds)
+                 + "; ".join(f"{load.rps:.0f} req/s vs {figures['rate']:.0f} img/s" for figures, load in rounds)
                  + f" (median {sorted(ratios)[1]:.0%}); bare FP32 at batch {BATCH} {fp32_bare:.0f} img/s, "
                    f"INT8 at batch 1 {int8_one:.0f} img/s")
+    figures, load = rounds[ratios.index(sorted(ratios)[1])]
+    lines.append(f"CPU per image in that round: the bare INT8 pass {figures['cpu_ms']:.1f} ms; the INT8 service "
+                 f"{load.server_cpu_ms:.1f} ms in the server + {load.client_cpu_ms:.1f} ms in the load generator, on "
+                 f"the same {os.cpu_count()} cores")
     return lines
 
 

@@ -30,6 +30,7 @@ from app.building.quantize import Recipe, batched, quantize
 from app.core.bundle import MODEL_NAME, load_bundle
 from app.core.prediction import prepare_image
 from app.core.runner import onnx_runner, softmax
+from bench.bare import in_own_process
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_CALIBRATION = 32
@@ -60,9 +61,7 @@ def cpu_description() -> str:
 
 
 def bare(onnx: Path, batch: int, seconds: float) -> float:
-    out = subprocess.run([sys.executable, "-m", "bench.bare", str(onnx), str(batch), str(seconds),
-                          str(os.cpu_count() or 1)], cwd=ROOT, capture_output=True, text=True, check=True)
-    return float(json.loads(out.stdout)["rate"])
+    return in_own_process(onnx, batch, seconds)["rate"]
 
 
 def main() -> int:
