@@ -82,10 +82,16 @@ function createCard(title) {
   return { card, img, body, status, progress };
 }
 
-// What a model with an unfamiliar-image detector says about a photo like none it was trained on.
-function unfamiliarText() {
-  if (state.verdicts) return "It doesn't look like the photos of bears and teddy bears I learned from.";
-  return `It doesn't look like the photos I learned from (${state.classes.join(", ")}).`;
+// What a model with an unfamiliar-image detector says about a photo unlike those it was trained
+// on. The flag means the answer cannot be vouched for, not that the photo shows a stranger: a
+// parent's own teddy in a dim bedroom is flagged more often than a shop photo, so the guess is
+// said too, as a guess.
+function unfamiliarText(topLabel, topP) {
+  const known = state.verdicts && state.verdicts[topLabel];
+  const guess = `${known ? known.name.toLowerCase() : topLabel} (${percent(topP)})`;
+  const learned = state.verdicts ? "the photos of bears and teddy bears I learned from"
+    : `the photos I learned from (${state.classes.join(", ")})`;
+  return `This photo isn't like ${learned}, so my guess may be wrong: ${guess}. Look for yourself.`;
 }
 
 function showResult(view, result) {
@@ -101,7 +107,8 @@ function showResult(view, result) {
     // Never "Cuddle it!" or "Don't cuddle!" for a photo the model was not made for: its
     // probabilities are shown, but only as a secondary, labelled guess.
     view.card.classList.add("unfamiliar");
-    verdict.append(el("p", "answer", "I don't know this one"), el("p", "detail", unfamiliarText()));
+    verdict.append(el("p", "answer", "I can't be sure about this one"),
+      el("p", "detail", unfamiliarText(topLabel, topP)));
     bars.setAttribute("aria-label", "What the model would guess anyway (not to be trusted for this photo)");
     bars.classList.add("secondary");
     view.body.append(verdict, el("p", "bars-caption", "If it had to guess:"));

@@ -237,7 +237,7 @@ def test_a_drawn_teddy_on_a_phone_is_not_a_photo_of_one(bear_server, open_page, 
     view = open_page(bear_server.url, width=360, height=740)
     view.choose(("teddy.jpg", drawn_teddy(), "image/jpeg"))
     view.wait_done()
-    assert view.page.inner_text(".card .answer") == "I don't know this one"
+    assert view.page.inner_text(".card .answer") == "I can't be sure about this one"
     assert view.page.locator(".card.unfamiliar").count() == 1
     view.page.screenshot(path=str(screenshots / "readme.png"), full_page=True)
 
@@ -273,8 +273,11 @@ def test_an_unfamiliar_photo_gets_its_own_verdict(server, open_page, screenshots
     view.choose(("board.png", checkerboard(), "image/png"))
     view.wait_done()
     page = view.page
-    assert page.inner_text(".card .answer") == "I don't know this one"
-    assert "doesn't look like the photos I learned from (blues, greens, reds)" in page.inner_text(".card .detail")
+    assert page.inner_text(".card .answer") == "I can't be sure about this one"
+    top, p = answer["predictions"][0]
+    assert page.inner_text(".card .detail") == (f"This photo isn't like the photos I learned from (blues, greens, "
+                                                f"reds), so my guess may be wrong: {top} ({round(p * 100)}%). "
+                                                "Look for yourself.")
     assert page.locator(".card.unfamiliar").count() == 1
     assert page.locator(".card .bars.secondary .bar-row").count() == 3
     assert page.inner_text(".card .bars-caption") == "If it had to guess:"
@@ -284,19 +287,46 @@ def test_an_unfamiliar_photo_gets_its_own_verdict(server, open_page, screenshots
 
 
 NOT_BEARS = BEARS.parent / "not-bears"
+IN_CONTEXT = BEARS.parent / "in-context"
+
+
+@pytest.mark.skipif(not IN_CONTEXT.is_dir(), reason=NO_BEARS)
+def test_a_clear_teddy_that_is_flagged_gets_the_guess_in_words_on_a_phone(bear_server, open_page, screenshots):
+    """A teddy photographed at home that the detector flags although the model is sure of it:
+    the page does not call it a stranger, it says what the flag means and gives the guess."""
+    flagged = None
+    for path in sorted((IN_CONTEXT / "teddys").glob("*.jpg")):
+        answer = requests.post(bear_server.url + "/upload", files={"file": (path.name, path.read_bytes())}).json()
+        if answer["unfamiliar"] and answer["predictions"][0][0] == "teddys" and answer["predictions"][0][1] > 0.9:
+            flagged = path, answer
+            break
+    assert flagged is not None, "no in-context teddy is flagged any more: choose another photo for this test"
+    path, answer = flagged
+    view = open_page(bear_server.url, width=360, height=740)
+    view.choose((path.name, path.read_bytes(), "image/jpeg"))
+    view.wait_done()
+    page = view.page
+    assert page.inner_text(".card .answer") == "I can't be sure about this one"
+    detail = page.inner_text(".card .detail")
+    assert "so my guess may be wrong: a teddy bear (" in detail and detail.endswith("Look for yourself.")
+    assert "know" not in detail and "cuddle" not in page.inner_text(".card").lower()
+    assert page.locator(".card.unfamiliar .bars.secondary .bar-row").count() == 3
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360
+    page.screenshot(path=str(screenshots / "flagged-teddy-phone.png"), full_page=True)
+    assert axe_serious_violations(page) == []
 
 
 @pytest.mark.skipif(not NOT_BEARS.is_dir(), reason=NO_BEARS)
 def test_a_photo_of_no_bear_never_says_cuddle_on_a_phone(bear_server, open_page, screenshots):
-    """The default model with a real photo of no bear (a car): "I don't know this one", never
+    """The default model with a real photo of no bear (a car): "I can't be sure", never
     "Cuddle it!" or "Don't cuddle!"."""
     car = sorted((NOT_BEARS / "vehicles").glob("*.jpg"))[0]
     view = open_page(bear_server.url, width=360, height=740)
     view.choose(("car.jpg", car.read_bytes(), "image/jpeg"))
     view.wait_done()
     page = view.page
-    assert page.inner_text(".card .answer") == "I don't know this one"
-    expected = "It doesn't look like the photos of bears and teddy bears I learned from."
-    assert page.inner_text(".card .detail") == expected
+    assert page.inner_text(".card .answer") == "I can't be sure about this one"
+    expected = "This photo isn't like the photos of bears and teddy bears I learned from, so my guess may be wrong: "
+    assert page.inner_text(".card .detail").startswith(expected)
     assert "cuddle" not in page.inner_text(".card").lower()
     page.screenshot(path=str(screenshots / "unfamiliar-phone.png"), full_page=True)

@@ -53,37 +53,42 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
 class Calibration:
     temperature: float
     applied: bool  # kept only if it lowered both the validation NLL and ECE, and could be fitted at all
+    photos: int
     nll_before: float
     nll_after: float
     ece_before: float
     ece_after: float
     note: str = ""
+    fitted_on: str = "validation split"
 
     def describe(self) -> dict[str, Any]:
-        return {"method": "temperature scaling, fitted on the validation split (NLL), folded into the last Linear",
+        return {"method": f"temperature scaling, fitted on the {self.fitted_on} (NLL), folded into the last Linear",
+                "photos": self.photos, "fitted_on": self.fitted_on,
                 "temperature": round(self.temperature, 4), "applied": self.applied, "note": self.note,
                 "valid_nll": {"before": round(self.nll_before, 4), "after": round(self.nll_after, 4)},
                 "valid_ece": {"before": round(self.ece_before, 4), "after": round(self.ece_after, 4),
                               "bins": ECE_BINS}}
 
 
-def calibrate(logits: np.ndarray, targets: np.ndarray) -> Calibration:
-    """Fit a temperature and say whether it improves the validation NLL and ECE."""
+def calibrate(logits: np.ndarray, targets: np.ndarray, fitted_on: str = "validation split") -> Calibration:
+    """Fit a temperature and say whether it improves the NLL and ECE of these photos (the
+    `fitted_on` ones: photos the model gave these logits for without training on them)."""
     errors = int((logits.argmax(axis=1) != targets).sum())
     if len(targets) < MIN_IMAGES or errors == 0:
         nll_now = nll(logits, targets)
         ece_now = expected_calibration_error(np.exp(log_softmax(logits.astype(np.float64), axis=1)), targets)
-        return Calibration(1.0, False, nll_now, nll_now, ece_now, ece_now,
-                           f"not fitted: {len(targets)} validation photos, {errors} misclassified (needs at least "
-                           f"{MIN_IMAGES} and one mistake)")
+        return Calibration(1.0, False, len(targets), nll_now, nll_now, ece_now, ece_now,
+                           f"not fitted: {len(targets)} photos ({fitted_on}), {errors} misclassified (needs at least "
+                           f"{MIN_IMAGES} and one mistake)", fitted_on)
     t = fit_temperature(logits, targets)
     probs_before = np.exp(log_softmax(logits.astype(np.float64), axis=1))
     probs_after = np.exp(log_softmax(logits.astype(np.float64) / t, axis=1))
     before = nll(logits, targets), expected_calibration_error(probs_before, targets)
     after = nll(logits, targets, t), expected_calibration_error(probs_after, targets)
     applied = after[0] < before[0] and after[1] < before[1]
-    return Calibration(t, applied, before[0], after[0], before[1], after[1],
-                       "" if applied else "not applied: it did not lower both the validation NLL and ECE")
+    return Calibration(t, applied, len(targets), before[0], after[0], before[1], after[1],
+                       "" if applied else f"not applied: it did not lower both the NLL and ECE of the {fitted_on}",
+                       fitted_on)
 
 
 def fold_temperature(model: Any, temperature: float) -> None:

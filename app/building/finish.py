@@ -19,6 +19,8 @@ from PIL import Image
 
 from app.building.bundle import compile_bundle
 from app.building.calibration import Calibration, calibrate, fold_temperature
+from app.building.evidence import warnings_for
+from app.building.linear_head import OutOfFold
 from app.building.measure import Outputs, confusion_matrix, predict_files, unfamiliar_rates
 from app.core.detector import Detector, detector_path
 from app.core.files import sha256_file
@@ -60,11 +62,13 @@ class Finished:
 
 def finish(learn: Any, train_files: list[Path], valid_files: list[Path], out: Path, k: int, keep: float,
            unfamiliar: Path | None = None, threads: int | None = None,
-           train_outputs: Outputs | None = None) -> Finished:
+           train_outputs: Outputs | None = None, out_of_fold: OutOfFold | None = None) -> Finished:
     """Calibrate, export and fit the unfamiliar-image detector, all through the server's own
     decoding and preprocessing (the torch fallback of `app.learner.compile`), so that the validation
     figures and the detector's reference features are what the server will see. `train_outputs`:
-    the training photos' pooled features, when fitting the head has already computed them."""
+    the training photos' pooled features, when fitting the head has already computed them; with
+    `out_of_fold` (the linear head's), the temperature and the detector's thresholds rest on the
+    training photos' out-of-fold answers as well as on the validation photos."""
     from scipy.special import softmax
 
     vocab = [str(v) for v in learn.dls.vocab]
@@ -75,7 +79,13 @@ def finish(learn: Any, train_files: list[Path], valid_files: list[Path], out: Pa
     targets = np.array([vocab.index(p.parent.name) for p in valid.files])
     # log-probabilities are the logits up to a constant per row, which softmax ignores.
     log_probs = np.log(np.maximum(valid.probs.astype(np.float64), np.finfo(np.float32).tiny))
-    calibration = calibrate(log_probs, targets) if predictor.activation == "softmax" else None
+    calibration = None
+    if predictor.activation == "softmax" and out_of_fold is not None:
+        calibration = calibrate(np.concatenate([log_probs, out_of_fold.logits]),
+                                np.concatenate([targets, out_of_fold.targets]),
+                                "validation split and out-of-fold training photos")
+    elif predictor.activation == "softmax":
+        calibration = calibrate(log_probs, targets)
     if calibration is not None and calibration.applied:
         fold_temperature(learn.model, calibration.temperature)
         valid.probs = softmax(log_probs / calibration.temperature, axis=1).astype(np.float32)
@@ -83,8 +93,9 @@ def finish(learn: Any, train_files: list[Path], valid_files: list[Path], out: Pa
     detector = None
     if has_features and valid.features is not None:
         reference = (train_outputs or predict_files(predictor, None, train_files)).features
+        folds = (out_of_fold.fold, out_of_fold.logits.argmax(axis=1)) if out_of_fold is not None else (None, None)
         detector = Detector.fit(sha256_file(export_path), reference, valid.features, valid.probs.argmax(axis=1),
-                                len(vocab), k, keep)
+                                len(vocab), k, keep, *folds)
         detector.save(detector_path(export_path))
     else:
         detector_path(export_path).unlink(missing_ok=True)
@@ -152,7 +163,7 @@ def model_card(done: Finished, learn: Any, args: argparse.Namespace, counts: Cou
                                       "one for a class with fewer than 40); validation photos only, photos of no "
                                       "class never set it",
                     "unfamiliar_photos": done.unfamiliar}
-    return {
+    card = {
         "classes": done.vocab,
         "architecture": args.arch,
         "pretrained": args.pretrained,
@@ -180,15 +191,17 @@ def model_card(done: Finished, learn: Any, args: argparse.Namespace, counts: Cou
         "export_sha256": sha256_file(done.export_path),
         "export_bytes": done.export_path.stat().st_size,
     }
+    card["warnings"] = warnings_for(card)
+    return card
 
 
 def complete(learn: Any, train_files: list[Path], valid_files: list[Path], seconds: float, args: argparse.Namespace,
-             counts: Counter, argv: list[str],
-             train_outputs: Outputs | None = None) -> tuple[dict[str, Any], str | None]:
+             counts: Counter, argv: list[str], train_outputs: Outputs | None = None,
+             out_of_fold: OutOfFold | None = None) -> tuple[dict[str, Any], str | None]:
     """Everything after the training loop: calibration, export, detector, plots, model card and
     bundle. Returns the card, and why no bundle was made (None when one was)."""
     done = finish(learn, train_files, valid_files, args.out, args.detector_k, args.detector_keep, args.unfamiliar,
-                  train_outputs=train_outputs)
+                  train_outputs=train_outputs, out_of_fold=out_of_fold)
     save_plots(done, args.out)
     card = model_card(done, learn, args, counts, len(train_files), seconds, argv)
     (args.out / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")

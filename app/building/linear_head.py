@@ -6,11 +6,17 @@ learner is built with a head of fastai's own pooling and one `Linear` (`recipe.n
 regression is fitted on the training photos' pooled features (the server's preprocessing, no
 augmentation; its C chosen by cross-validation on the training photos only), and its weights,
 with the feature standardisation folded in, become that `Linear`'s: an ordinary fastai export.
+
+The same folds give every training photo an out-of-fold answer (the logits of the model fitted on
+the other folds, at the chosen C) and say which fold it was held out in, so that the temperature
+and the unfamiliar-image detector's thresholds can rest on every photo, not only on the validation
+split, which on a student's 50 photos a class is a dozen photos (`app.building.finish`).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +29,30 @@ C_GRID = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 FOLDS = 5
 
 
+@dataclass
+class OutOfFold:
+    """Each training photo's answer from the head fitted without its fold (`Outputs.files` order)."""
+
+    logits: np.ndarray  # (n, classes)
+    fold: np.ndarray  # (n,) the fold each photo was held out in
+    targets: np.ndarray  # (n,) its class
+
+
+def two_logits(scores: np.ndarray) -> np.ndarray:
+    """scikit-learn's one score of a two-class model as the two logits softmax needs (their
+    difference is the score, as the folded weights give)."""
+    return np.stack([-scores / 2, scores / 2], axis=1) if scores.ndim == 1 else scores
+
+
 def fit_linear_head(learn: Any, train_files: list[Path], threads: int,
-                    seed: int) -> tuple[dict[str, Any], float, Outputs]:
+                    seed: int) -> tuple[dict[str, Any], float, Outputs, OutOfFold]:
     """Fit the learner's final Linear as logistic regression on the training photos' pooled
-    features; what was chosen, the seconds it took, and those features (which the head does not
-    change: the unfamiliar-image detector's reference photos are the same)."""
+    features; what was chosen, the seconds it took, those features (which the head does not
+    change: the unfamiliar-image detector's reference photos are the same) and the out-of-fold
+    answers."""
     import torch
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict
     from sklearn.preprocessing import StandardScaler
 
     start = time.perf_counter()
@@ -40,10 +62,17 @@ def fit_linear_head(learn: Any, train_files: list[Path], threads: int,
     outputs = predict_files(predictor, None, train_files)
     labels = np.array([vocab.index(p.parent.name) for p in outputs.files])
     scaler = StandardScaler().fit(outputs.features)
-    search = GridSearchCV(LogisticRegression(max_iter=5000), {"C": list(C_GRID)},
-                          cv=StratifiedKFold(FOLDS, shuffle=True, random_state=seed), n_jobs=1)
-    search.fit(scaler.transform(outputs.features), labels)
+    folds = StratifiedKFold(min(FOLDS, int(np.bincount(labels).min())), shuffle=True, random_state=seed)
+    search = GridSearchCV(LogisticRegression(max_iter=5000), {"C": list(C_GRID)}, cv=folds, n_jobs=1)
+    standardised = scaler.transform(outputs.features)
+    search.fit(standardised, labels)
     model = search.best_estimator_
+    fold_of = np.zeros(len(labels), dtype=int)
+    for i, (_, held) in enumerate(folds.split(standardised, labels)):
+        fold_of[held] = i
+    scores = cross_val_predict(LogisticRegression(max_iter=5000, C=model.C), standardised, labels, cv=folds,
+                               method="decision_function")
+    out_of_fold = OutOfFold(two_logits(scores), fold_of, labels)
     # logits = coef @ ((x - mean) / scale) + intercept = (coef / scale) @ x + (intercept - coef @ (mean / scale))
     weight = model.coef_ / scaler.scale_
     bias = model.intercept_ - weight @ scaler.mean_
@@ -55,5 +84,5 @@ def fit_linear_head(learn: Any, train_files: list[Path], threads: int,
         linear.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
     chosen = {"method": "logistic regression on the frozen body's pooled features (standardised)",
               "C": float(search.best_params_["C"]), "C_grid": list(C_GRID),
-              "cv_accuracy_on_training_photos": round(float(search.best_score_), 4), "folds": FOLDS}
-    return chosen, time.perf_counter() - start, outputs
+              "cv_accuracy_on_training_photos": round(float(search.best_score_), 4), "folds": folds.n_splits}
+    return chosen, time.perf_counter() - start, outputs, out_of_fold

@@ -171,12 +171,13 @@ def print_summary(card: dict[str, Any], rejected: list[tuple[Path, str]], report
         cal = card["calibration"]
         kept = "applied" if cal["applied"] else cal["note"] or "not applied: no better"
         ece = cal["valid_ece"]
-        rows.append(("temperature", f"{cal['temperature']:.3f} ({kept}); validation ECE {ece['before']:.3f} -> "
-                                    f"{ece['after']:.3f}"))
+        rows.append(("temperature", f"{cal['temperature']:.3f} ({kept}); ECE {ece['before']:.3f} -> "
+                                    f"{ece['after']:.3f} on {cal['photos']} photos ({cal['fitted_on']})"))
     if card["detector"]:
         det = card["detector"]
-        rows.append(("unfamiliar-image detector", f"k={det['k']}, threshold {det['threshold']:.4f}, "
-                                                  f"flags {det['valid_false_flag_rate']:.1%} of validation photos"))
+        rows.append(("unfamiliar-image detector", f"k={det['k']}, threshold {det['threshold']:.4f}, flags "
+                                                  f"{det['valid_false_flag_rate']:.1%} of the {det['valid_images']} "
+                                                  f"photos that set it ({det['thresholds_from']})"))
         if det["unfamiliar_photos"]:
             rows.append(("  photos of no class flagged", f"{det['unfamiliar_photos']['overall']['rate']:.1%}"))
     rows += [
@@ -189,6 +190,8 @@ def print_summary(card: dict[str, Any], rejected: list[tuple[Path, str]], report
         print(f"{key:<{width}}  {value}")
     for path, reason in rejected[:10]:
         print(f"  rejected {path}: {reason}")
+    for warning in card["warnings"]:
+        print(f"warning: {warning}")
     export = args.out / EXPORT_NAME
     bundle = args.out / BUNDLE_NAME
     written = [export, *([detector_path(export)] if card["detector"] else []), args.out / CARD_NAME,
@@ -222,14 +225,16 @@ def main(argv: list[str] | None = None) -> int:
         dls = make_dataloaders(args.data, files, args.size, args.bs, args.seed, args.valid_pct, args.workers,
                                args.min_scale)
         learn = new_learner(dls, architectures()[args.arch], args.pretrained, args.label_smoothing, args.head)
-        train_files, train_outputs = split_files(dls.train_ds), None
+        train_files, train_outputs, out_of_fold = split_files(dls.train_ds), None, None
         if args.head == "linear":
-            args.head_fit, seconds, train_outputs = fit_linear_head(learn, train_files, os.cpu_count() or 1, args.seed)
+            args.head_fit, seconds, train_outputs, out_of_fold = fit_linear_head(learn, train_files,
+                                                                                os.cpu_count() or 1, args.seed)
         else:
             args.head_fit = None
             seconds = fit(learn, args.epochs, args.freeze_epochs, args.pretrained, args.lr, show_progress)
         valid_files = split_files(dls.valid_ds)
-        card, no_bundle = complete(learn, train_files, valid_files, seconds, args, counts, argv, train_outputs)
+        card, no_bundle = complete(learn, train_files, valid_files, seconds, args, counts, argv, train_outputs,
+                                   out_of_fold)
         int8_line, int8_made = int8_bundle(args, train_files, valid_files, no_bundle) if args.int8 else (None, True)
         print_summary(card, rejected, report, args, no_bundle)
         if int8_line:

@@ -29,7 +29,7 @@ from app.core.model_file import ModelFile, ModelLoadError
 
 METHOD = "knn-cosine"
 FEATURE = "pooled"  # the input of fastai's head: the concatenated average- and max-pooled body output
-FORMAT = 2  # 1: one threshold for every class (still read)
+FORMAT = 3  # 1: one threshold for every class; 2: no `thresholds_from` (both still read)
 # Compare with the k-th nearest training photo, and keep this share of validation photos familiar:
 # how they were chosen is in the README ("Unfamiliar photos") and the model card.
 DEFAULT_K = 5
@@ -57,6 +57,19 @@ def knn_similarity(reference: np.ndarray, queries: np.ndarray, k: int) -> np.nda
     return np.partition(sims, -k, axis=1)[:, -k]
 
 
+def out_of_fold_scores(features: np.ndarray, folds: np.ndarray, k: int) -> np.ndarray:
+    """Each training photo's score against the training photos of the other folds only: what a
+    new photo gets against a reference set like the training photos, so that every training photo
+    can help set the thresholds (a reference set a fold smaller scores a little lower, which errs
+    on the side of calling photos familiar)."""
+    normed = l2_normalised(features)
+    scores = np.empty(len(normed), dtype=np.float32)
+    for fold in np.unique(folds):
+        held = folds == fold
+        scores[held] = knn_similarity(normed[~held], normed[held], k)
+    return scores
+
+
 def threshold_keeping(scores: np.ndarray, keep: float) -> float:
     """The threshold below which a new score, exchangeable with these, falls with probability at
     most `1 - keep`: the m-th lowest score, m = floor((1 - keep)(n + 1)) (the split-conformal
@@ -81,30 +94,38 @@ class Detector:
     reference: np.ndarray = field(repr=False)  # L2-normalised features of the training images
     k: int
     threshold: float  # similarity below this: unfamiliar (the overall one; see class_thresholds)
-    valid_false_flag_rate: float  # share of the validation split's real photos called unfamiliar
-    valid_images: int
+    valid_false_flag_rate: float  # share of the photos that set the thresholds (`thresholds_from`) flagged
+    valid_images: int  # how many photos set them
     method: str = METHOD
     feature: str = FEATURE
     # One threshold per class the model predicts (vocab order), and the share of the validation
     # photos predicted as each that it flags; empty: `threshold` for every class (format 1).
     class_thresholds: tuple[float, ...] = ()
     class_false_flag_rates: tuple[float, ...] = ()
+    thresholds_from: str = "validation split"
 
     @classmethod
     def fit(cls, export_sha256: str, train_features: np.ndarray, valid_features: np.ndarray,
-            valid_predicted: np.ndarray, n_classes: int, k: int = DEFAULT_K, keep: float = DEFAULT_KEEP) -> Detector:
+            valid_predicted: np.ndarray, n_classes: int, k: int = DEFAULT_K, keep: float = DEFAULT_KEEP,
+            train_folds: np.ndarray | None = None, train_predicted: np.ndarray | None = None) -> Detector:
         """A detector on these training features, each class's threshold set to keep `keep` of the
         validation photos predicted as that class familiar. Validation photos are never in the
-        reference set, so their scores are what a new real photo would get."""
+        reference set, so their scores are what a new real photo would get. With `train_folds`
+        (and each training photo's out-of-fold predicted class), the training photos' scores
+        against the other folds join them (`out_of_fold_scores`): thresholds from every photo."""
         reference = l2_normalised(train_features)
         valid_scores = knn_similarity(reference, l2_normalised(valid_features), k)
+        if train_folds is not None and train_predicted is not None:
+            valid_scores = np.concatenate([valid_scores, out_of_fold_scores(train_features, train_folds, k)])
+            valid_predicted = np.concatenate([valid_predicted, train_predicted])
         overall = threshold_keeping(valid_scores, keep)
         thresholds = class_thresholds(valid_scores, valid_predicted, n_classes, keep, overall)
         flagged = valid_scores < np.asarray(thresholds, np.float32)[valid_predicted]
         rates = tuple(float(flagged[valid_predicted == c].mean()) if (valid_predicted == c).any() else 0.0
                       for c in range(n_classes))
+        source = "validation split" if train_folds is None else "validation split and out-of-fold training photos"
         return cls(export_sha256, reference, k, overall, float(flagged.mean()), len(valid_scores),
-                   class_thresholds=thresholds, class_false_flag_rates=rates)
+                   class_thresholds=thresholds, class_false_flag_rates=rates, thresholds_from=source)
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         """Higher is more familiar."""
@@ -124,7 +145,8 @@ class Detector:
             "method": self.method, "feature": self.feature, "k": self.k, "threshold": round(self.threshold, 6),
             "valid_false_flag_rate": round(self.valid_false_flag_rate, 4), "valid_images": self.valid_images,
             "reference_images": int(self.reference.shape[0]),
-            "rule": "per predicted class" if self.class_thresholds else "one for every class"}
+            "rule": "per predicted class" if self.class_thresholds else "one for every class",
+            "thresholds_from": self.thresholds_from}
         if self.class_thresholds:
             info["class_thresholds"] = [round(t, 6) for t in self.class_thresholds]
             info["class_valid_false_flag_rates"] = [round(r, 4) for r in self.class_false_flag_rates]
@@ -145,7 +167,7 @@ class Detector:
             with np.load(path, allow_pickle=False) as archive:
                 meta = json.loads(str(archive["meta"]))
                 reference = archive["reference"].astype(np.float32)
-            if meta.pop("format") not in (1, FORMAT) or meta.get("method") != METHOD:
+            if meta.pop("format") not in (1, 2, FORMAT) or meta.get("method") != METHOD:
                 raise DetectorError(f"{path.name} is of another format or method")
             for name in ("class_thresholds", "class_false_flag_rates"):
                 meta[name] = tuple(meta.get(name, ()))

@@ -1,0 +1,89 @@
+"""A student's own small dataset: how right, how honest and how watchful `app.train` is at its defaults.
+
+    python -m bench.small_data [--sizes 15 25 35] [--seeds 2]
+
+For each size, `python -m app.train` at its defaults on that many photos a class of
+`../shared/data/not-bears/{cats,dogs}` (a random subset, per seed), then its bundle on what it never
+saw: the other cat and dog photos (accuracy, ECE, median top probability, each class's flagged
+rate) and the bear photos (flagged rate: a cats/dogs model should call them unfamiliar). Prints what
+the training printed as warnings, and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bench.servers import ROOT
+
+SHARED = ROOT.parent / "shared" / "data"
+CLASSES = ("cats", "dogs")
+BEAR_SAMPLE = 150
+
+
+def new_photos_figures(bundle: Path, held_out: dict[str, list[Path]], bears: list[Path]) -> dict[str, float]:
+    from app.building.calibration import expected_calibration_error
+    from app.building.measure import predict_files
+    from app.core.bundle import load_bundle
+
+    loaded = load_bundle(bundle, os.cpu_count() or 1)
+    vocab = loaded.manifest.classes
+    files = [p for cls in CLASSES for p in held_out[cls]]
+    out = predict_files(loaded.predictor, loaded.detector, files)
+    targets = np.array([vocab.index(p.parent.name) for p in out.files])
+    flags = out.unfamiliar if out.unfamiliar is not None else np.zeros(len(targets), bool)
+    others = predict_files(loaded.predictor, loaded.detector, bears)
+    figures = {"photos": len(targets), "accuracy": float((out.probs.argmax(1) == targets).mean()),
+               "ece": expected_calibration_error(out.probs, targets),
+               "median_top": float(np.median(out.probs.max(1))),
+               "bears_flagged": float(others.unfamiliar.mean()) if others.unfamiliar is not None else 0.0}
+    for i, cls in enumerate(vocab):
+        figures[f"{cls}_flagged"] = float(flags[targets == i].mean())
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.small_data", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[15, 25, 35])
+    parser.add_argument("--seeds", type=int, default=2)
+    args = parser.parse_args()
+    pools = {cls: sorted((SHARED / "not-bears" / cls).glob("*.jpg")) for cls in CLASSES}
+    bears = sorted((SHARED / "bears").rglob("*.jpg"))
+    bears = random.Random(0).sample(bears, min(BEAR_SAMPLE, len(bears)))
+    rows = ["| photos a class | seed | accuracy | ECE | median top probability | cats flagged | dogs flagged | "
+            "bears flagged | warnings printed |", "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for size in args.sizes:
+        for seed in range(args.seeds):
+            with tempfile.TemporaryDirectory() as tmp:
+                data, held_out = Path(tmp) / "data", {}
+                for cls, pool in pools.items():
+                    chosen = random.Random(seed * 1000 + size).sample(pool, size)
+                    (data / cls).mkdir(parents=True)
+                    for path in chosen:
+                        shutil.copy(path, data / cls / path.name)
+                    held_out[cls] = [p for p in pool if p not in chosen]
+                done = subprocess.run([sys.executable, "-m", "app.train", str(data), "--out", str(Path(tmp) / "out"),
+                                       "--quiet"], cwd=ROOT, capture_output=True, text=True)
+                if done.returncode != 0:
+                    print(done.stdout, done.stderr, file=sys.stderr)
+                    raise SystemExit(f"app.train failed at size {size}")
+                warnings = [line.strip() for line in done.stdout.splitlines() if line.strip().startswith("warning")]
+                f = new_photos_figures(Path(tmp) / "out" / "bundle", held_out, bears)
+                rows.append(f"| {size} | {seed} | {f['accuracy']:.1%} ({f['photos']}) | {f['ece']:.3f} | "
+                            f"{f['median_top']:.2f} | {f['cats_flagged']:.1%} | {f['dogs_flagged']:.1%} | "
+                            f"{f['bears_flagged']:.1%} | {len(warnings)} |")
+                print(rows[-1], *warnings, sep="\n  ", file=sys.stderr, flush=True)
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""A student's small dataset at `app.train`'s defaults (the pretrained EfficientNet-Lite0 body and
+a linear head): the temperature and the detector's thresholds rest on every photo (the validation
+split and the training photos' out-of-fold answers), and every figure too few photos back is said
+so, in the training output and in the model card."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+from support import make_dataset
+
+from app.building.evidence import ENOUGH_PHOTOS, warnings_for, wilson_interval
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory):
+    from app.train import main
+
+    root = tmp_path_factory.mktemp("small")
+    data = make_dataset(root / "data", per_class=12)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        status = main([str(data), "--out", str(root / "model"), "--quiet"])
+    assert status == 0, printed.getvalue()
+    return json.loads((root / "model" / "model-card.json").read_text()), printed.getvalue()
+
+
+def test_calibration_and_detector_thresholds_use_every_photo(small_model):
+    card, _ = small_model
+    every = card["train_images"] + card["valid_images"]
+    assert card["head"]["kind"] == "linear" and card["head"]["folds"] >= 2
+    assert card["calibration"]["fitted_on"] == "validation split and out-of-fold training photos"
+    assert card["calibration"]["photos"] == every
+    assert card["detector"]["thresholds_from"] == "validation split and out-of-fold training photos"
+    assert card["detector"]["valid_images"] == every
+
+
+def test_each_figure_too_few_photos_back_gets_one_plain_warning(small_model):
+    card, printed = small_model
+    warnings = card["warnings"]
+    assert len(warnings) == 4, warnings
+    valid = card["valid_images"]
+    low, high = wilson_interval(round(card["valid_accuracy"] * valid), valid)
+    assert warnings[0].startswith(f"validation accuracy {card['valid_accuracy']:.1%} rests on {valid} photos: it "
+                                  f"could be anywhere from {low:.0%} to {high:.0%}")
+    assert "few photos of blues (12), greens (12), reds (12)" in warnings[1]
+    assert warnings[2].startswith("probabilities not calibrated (not fitted:")
+    assert warnings[3].startswith(f"the unfamiliar-image detector's thresholds were set on "
+                                  f"{card['detector']['valid_images']} photos")
+    for warning in warnings:
+        assert f"\nwarning: {warning}\n" in printed
+
+
+def test_enough_photos_give_no_warning(small_model):
+    card, _ = small_model
+    enough = {**card, "valid_images": ENOUGH_PHOTOS, "images_per_class": {"a": 400, "b": 400},
+              "calibration": {**card["calibration"], "applied": True, "note": ""},
+              "detector": {**card["detector"], "valid_images": 3 * ENOUGH_PHOTOS}}
+    assert warnings_for(enough) == []
+
+
+@pytest.mark.parametrize(("successes", "n", "low", "high"), [(19, 20, 0.7639, 0.9911), (0, 20, 0.0, 0.1611),
+                                                             (20, 20, 0.8389, 1.0), (50, 100, 0.4038, 0.5962)])
+def test_the_wilson_interval(successes, n, low, high):
+    got = wilson_interval(successes, n)
+    assert got == pytest.approx((low, high), abs=1e-4)
