@@ -21,6 +21,10 @@ def small_model(tmp_path_factory: pytest.TempPathFactory):
 
     root = tmp_path_factory.mktemp("small")
     data = make_dataset(root / "data", per_class=12)
+    # Four sources, as SOURCES.csv names them for the shared photos: each photo's `repo`.
+    rows = [f"{p.relative_to(data)},{p.parent.name},owner/source-{i % 4}"
+            for i, p in enumerate(sorted(data.glob("*/*.jpg")))]
+    (data / "SOURCES.csv").write_text("file,class,repo\n" + "\n".join(rows) + "\n")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
         status = main([str(data), "--out", str(root / "model"), "--quiet"])
@@ -36,6 +40,29 @@ def test_calibration_and_detector_thresholds_use_every_photo(small_model):
     assert card["calibration"]["photos"] == every
     assert card["detector"]["thresholds_from"] == "validation split and out-of-fold training photos"
     assert card["detector"]["valid_images"] == every
+
+
+def test_figures_on_sources_left_out_come_with_the_random_split_ones(small_model):
+    card, printed = small_model
+    split = card["source_split"]
+    assert split["sources"] == 4 and split["photos"] == card["train_images"] + card["valid_images"]
+    assert split["method"].startswith("4 folds of whole sources")
+    assert sum(c["photos"] for c in split["per_class"].values()) == split["photos"]
+    assert all(c["sources"] == 4 for c in split["per_class"].values())
+    wrong = round((1 - split["accuracy"]) * split["photos"])
+    assert len(split["errors"]) == wrong and all(e["source"].startswith("owner/source-") for e in split["errors"])
+    assert "on sources left out" in printed and "validation accuracy (random split)" in printed
+
+
+def test_a_photo_without_a_source_means_no_figures_by_source(tmp_path):
+    from app.building.source_split import read_sources, sources_of
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "SOURCES.csv").write_text("file,class,repo\na/1.jpg,a,x/y\n")
+    sources = read_sources(tmp_path)
+    assert sources_of([tmp_path / "a" / "1.jpg"], sources) == ["x/y"]
+    assert sources_of([tmp_path / "a" / "1.jpg", tmp_path / "a" / "2.jpg"], sources) is None
+    assert read_sources(tmp_path / "a") == {}
 
 
 def test_each_figure_too_few_photos_back_gets_one_plain_warning(small_model):

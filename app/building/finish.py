@@ -22,6 +22,7 @@ from app.building.calibration import Calibration, calibrate, fold_temperature
 from app.building.evidence import warnings_for
 from app.building.linear_head import OutOfFold
 from app.building.measure import Outputs, confusion_matrix, predict_files, unfamiliar_rates
+from app.building.source_split import read_sources, source_split_figures, sources_of
 from app.core.detector import Detector, detector_path
 from app.core.files import sha256_file
 from app.core.model_file import ModelLoadError
@@ -144,8 +145,23 @@ def save_plots(done: Finished, out: Path, top: int = 9) -> None:
     plt.close("all")
 
 
+def by_source(done: Finished, train_outputs: Outputs | None, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The recipe's figures on whole sources left out (`app.building.source_split`), when the data's
+    SOURCES.csv names every photo's source and the head is linear (refitting it per fold is cheap)."""
+    if train_outputs is None or train_outputs.features is None or done.valid.features is None or not args.head_fit:
+        return None
+    files = [*train_outputs.files, *done.valid.files]
+    groups = sources_of(files, read_sources(args.data))
+    if groups is None or len(set(groups)) < 2:
+        return None
+    features = np.concatenate([train_outputs.features, done.valid.features])
+    labels = np.array([done.vocab.index(p.parent.name) for p in files])
+    return source_split_figures(features, labels, files, groups, done.vocab, args.head_fit["C"], args.detector_k,
+                                args.detector_keep, args.seed)
+
+
 def model_card(done: Finished, learn: Any, args: argparse.Namespace, counts: Counter, train_images: int,
-               seconds: float, argv: list[str]) -> dict:
+               seconds: float, argv: list[str], source_split: dict[str, Any] | None = None) -> dict:
     import fastai
     import torch
     import torchvision
@@ -179,11 +195,12 @@ def model_card(done: Finished, learn: Any, args: argparse.Namespace, counts: Cou
         "label_smoothing": args.label_smoothing if args.head == "trained" else None,
         "seed": args.seed,
         "valid_pct": args.valid_pct,
-        "valid_accuracy": round(done.accuracy, 4),
+        "valid_accuracy": round(done.accuracy, 4),  # a random split: photos of the training photos' sources
         "valid_error_rate": round(1 - done.accuracy, 4),
         "confusion_matrix": {"labels": done.vocab, "rows_actual_cols_predicted": done.confusion.tolist()},
         "calibration": done.calibration.describe() if done.calibration is not None else None,
         "detector": detector,
+        "source_split": source_split,
         "training_seconds": round(seconds, 1),
         "versions": {"fastai": fastai.__version__, "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "python": sys.version.split()[0]},
@@ -203,7 +220,8 @@ def complete(learn: Any, train_files: list[Path], valid_files: list[Path], secon
     done = finish(learn, train_files, valid_files, args.out, args.detector_k, args.detector_keep, args.unfamiliar,
                   train_outputs=train_outputs, out_of_fold=out_of_fold)
     save_plots(done, args.out)
-    card = model_card(done, learn, args, counts, len(train_files), seconds, argv)
+    card = model_card(done, learn, args, counts, len(train_files), seconds, argv,
+                      by_source(done, train_outputs, args))
     (args.out / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
     # The checked bundle, to serve without torch: its parity is measured on the validation photos.
     try:

@@ -164,7 +164,7 @@ def print_summary(card: dict[str, Any], rejected: list[tuple[Path, str]], report
         rows.append(("downloaded", report.summary()))
     rows += [
         ("rejected (moved to _rejected)", str(len(rejected))),
-        ("validation accuracy", f"{card['valid_accuracy']:.2%}"),
+        ("validation accuracy (random split)", f"{card['valid_accuracy']:.2%}"),
         ("validation error rate", f"{card['valid_error_rate']:.2%}"),
     ]
     if card["calibration"]:
@@ -173,6 +173,11 @@ def print_summary(card: dict[str, Any], rejected: list[tuple[Path, str]], report
         ece = cal["valid_ece"]
         rows.append(("temperature", f"{cal['temperature']:.3f} ({kept}); ECE {ece['before']:.3f} -> "
                                     f"{ece['after']:.3f} on {cal['photos']} photos ({cal['fitted_on']})"))
+    split = card.get("source_split")
+    if split:
+        flags = ", ".join(f"{cls} {c['flagged']:.1%}" for cls, c in split["per_class"].items())
+        rows.append(("on sources left out", f"{split['accuracy']:.2%} right; flagged {flags} ({split['photos']} "
+                                            f"photos of {split['sources']} sources, by SOURCES.csv)"))
     if card["detector"]:
         det = card["detector"]
         rows.append(("unfamiliar-image detector", f"k={det['k']}, threshold {det['threshold']:.4f}, flags "

@@ -60,13 +60,15 @@ def knn_similarity(reference: np.ndarray, queries: np.ndarray, k: int) -> np.nda
 def out_of_fold_scores(features: np.ndarray, folds: np.ndarray, k: int) -> np.ndarray:
     """Each training photo's score against the training photos of the other folds only: what a
     new photo gets against a reference set like the training photos, so that every training photo
-    can help set the thresholds (a reference set a fold smaller scores a little lower, which errs
-    on the side of calling photos familiar)."""
+    can help set the thresholds. The other folds hold (F-1)/F of the references, so their k-th
+    nearest is compared at k (F-1)/F: about as near as the k-th of all of them would be."""
     normed = l2_normalised(features)
     scores = np.empty(len(normed), dtype=np.float32)
-    for fold in np.unique(folds):
+    fold_names = np.unique(folds)
+    k_in_fold = max(1, round(k * (len(fold_names) - 1) / len(fold_names)))
+    for fold in fold_names:
         held = folds == fold
-        scores[held] = knn_similarity(normed[~held], normed[held], k)
+        scores[held] = knn_similarity(normed[~held], normed[held], k_in_fold)
     return scores
 
 
