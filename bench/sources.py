@@ -1,6 +1,6 @@
 """The default model on photos from sources it never trained on, and detector alternatives side by side.
 
-    python -m bench.sources [--model models]
+    python -m bench.sources [--model models] [--write-card]
 
 Every photo of `../shared/data/bears`, `../shared/data/in-context` and `../shared/data/not-bears`
 goes through the model's FP32 bundle once (its probabilities and pooled features). Then:
@@ -14,6 +14,9 @@ goes through the model's FP32 bundle once (its probabilities and pooled features
    only, in folds by source, so no photo is measured against its own source): each row's flagged
    rates on the in-context photos by class, teddies at home, their photos without a bear, and
    `not-bears`. Nothing here sets the shipped model's thresholds.
+
+`--write-card` records the figures of 1 in the model card as `app.train` now does for data with a
+SOURCES.csv (`source_split`, `train_sources`), for a model trained before it did.
 """
 
 from __future__ import annotations
@@ -106,6 +109,7 @@ def detector_rows(vocab: list[str], train: Any, valid: Any, ctx: Any, ctx_rows: 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sources", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=ROOT / "models")
+    parser.add_argument("--write-card", action="store_true", help="record the figures by source in the model card")
     args = parser.parse_args()
     card = json.loads((args.model / "model-card.json").read_text())
     bundle = load_bundle(args.model / "bundle", os.cpu_count() or 1)
@@ -155,6 +159,12 @@ def main() -> int:
     lines += ["", *detector_rows(vocab, run["train"], run["valid"], ctx, ctx_rows, run["not_bears"],
                                  card["detector"]["k"], 0.97)]
     print("\n".join(lines))
+    if args.write_card:
+        trained_on = sources_of(run["train"].files, read_sources(bears))
+        card_path = args.model / "model-card.json"
+        card = {**card, "source_split": {**by_source, "measured_by": "python -m bench.sources --write-card"},
+                "train_sources": sorted(set(trained_on or []))}
+        card_path.write_text(json.dumps(card, indent=2) + "\n")
     return 0
 
 

@@ -29,11 +29,11 @@ def small_model(tmp_path_factory: pytest.TempPathFactory):
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
         status = main([str(data), "--out", str(root / "model"), "--quiet"])
     assert status == 0, printed.getvalue()
-    return json.loads((root / "model" / "model-card.json").read_text()), printed.getvalue()
+    return json.loads((root / "model" / "model-card.json").read_text()), printed.getvalue(), root / "model"
 
 
 def test_calibration_and_detector_thresholds_use_every_photo(small_model):
-    card, _ = small_model
+    card, *_ = small_model
     every = card["train_images"] + card["valid_images"]
     assert card["head"]["kind"] == "linear" and card["head"]["folds"] >= 2
     assert card["calibration"]["fitted_on"] == "validation split and out-of-fold training photos"
@@ -43,7 +43,7 @@ def test_calibration_and_detector_thresholds_use_every_photo(small_model):
 
 
 def test_figures_on_sources_left_out_come_with_the_random_split_ones(small_model):
-    card, printed = small_model
+    card, printed, _ = small_model
     split = card["source_split"]
     assert split["sources"] == 4 and split["photos"] == card["train_images"] + card["valid_images"]
     assert split["method"].startswith("4 folds of whole sources")
@@ -52,6 +52,25 @@ def test_figures_on_sources_left_out_come_with_the_random_split_ones(small_model
     wrong = round((1 - split["accuracy"]) * split["photos"])
     assert len(split["errors"]) == wrong and all(e["source"].startswith("owner/source-") for e in split["errors"])
     assert "on sources left out" in printed and "validation accuracy (random split)" in printed
+
+
+def test_evaluate_gives_the_figures_on_new_sources_apart(small_model, tmp_path):
+    from app.evaluate import main
+
+    card, _, model = small_model
+    assert card["train_sources"] == [f"owner/source-{i}" for i in range(4)]
+    holdout = make_dataset(tmp_path / "holdout", per_class=4)
+    rows = [f"{p.relative_to(holdout)},{p.parent.name},{'owner/source-0' if i % 3 == 0 else 'someone/new'}"
+            for i, p in enumerate(sorted(holdout.glob("*/*.jpg")))]
+    (holdout / "SOURCES.csv").write_text("file,class,repo\n" + "\n".join(rows) + "\n")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main([str(holdout), "--model", str(model / "export.pkl"), "--json", str(tmp_path / "r.json")]) == 0
+    by_source = json.loads((tmp_path / "r.json").read_text())["by_source"]
+    assert by_source["known"] is True
+    assert by_source["new sources"]["photos"] == 8 and by_source["new sources"]["sources"] == 1
+    assert by_source["sources it trained on"]["photos"] == 4
+    assert "new sources" in printed.getvalue() and "sources it trained on" in printed.getvalue()
 
 
 def test_a_photo_without_a_source_means_no_figures_by_source(tmp_path):
@@ -66,7 +85,7 @@ def test_a_photo_without_a_source_means_no_figures_by_source(tmp_path):
 
 
 def test_each_figure_too_few_photos_back_gets_one_plain_warning(small_model):
-    card, printed = small_model
+    card, printed, _ = small_model
     warnings = card["warnings"]
     assert len(warnings) == 4, warnings
     valid = card["valid_images"]
@@ -82,7 +101,7 @@ def test_each_figure_too_few_photos_back_gets_one_plain_warning(small_model):
 
 
 def test_enough_photos_give_no_warning(small_model):
-    card, _ = small_model
+    card, *_ = small_model
     enough = {**card, "valid_images": ENOUGH_PHOTOS, "images_per_class": {"a": 400, "b": 400},
               "calibration": {**card["calibration"], "applied": True, "note": ""},
               "detector": {**card["detector"], "valid_images": 3 * ENOUGH_PHOTOS}}

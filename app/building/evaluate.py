@@ -7,7 +7,9 @@ DATA holds one sub-folder of photos per class (a subset of the model's classes);
 belong to no class, in any sub-folders (cats/, cars/, ...). Every photo goes through the server's
 decoding, preprocessing, compiled model and unfamiliar-image detector. Prints accuracy, the
 confusion matrix and how many photos the detector flags (per class of DATA, per sub-folder of
-OTHER); `--json FILE` writes the same figures. With `--compare OLD`, both models run on the same
+OTHER); where DATA has a SOURCES.csv naming each photo's source (`repo`), the figures on photos of
+sources the model never trained on (its card's `train_sources`) are given apart; `--json FILE`
+writes the same figures. With `--compare OLD`, both models run on the same
 photos and are set side by side (`app.building.compare`): the exit status is 0 when the new model
 is as good as the old one, 1 when it is not. Exits 2 with a one-line message on bad input.
 """
@@ -23,6 +25,7 @@ from app.building.cli import UsageError, add_threads, parser, run_command, threa
 from app.building.compare import compare, contact_sheet, format_comparison
 from app.building.datasets import find_classes, loose_photos_hint
 from app.building.measure import evaluate, unfamiliar_files
+from app.building.source_split import by_training_source, read_sources
 from app.core.detector import Detector, load_detector
 from app.core.model_file import ModelLoadError, open_model_file
 from app.core.runner import Predictor, onnx_cache_path
@@ -40,6 +43,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines += ["", f"{corner:<{width}}  " + "  ".join(f"{c:>8}" for c in vocab)]
     for cls, row in zip(vocab, report["confusion_matrix"]["rows_actual_cols_predicted"], strict=True):
         lines.append(f"{cls:<{width}}  " + "  ".join(f"{n:>8}" for n in row))
+    lines += source_lines(report.get("by_source"))
     if report["detector"] is None:
         lines += ["", "no unfamiliar-image detector: this model answers with one of its classes for any photo"]
         return "\n".join(lines)
@@ -56,6 +60,19 @@ def format_report(report: dict[str, Any]) -> str:
         other = report["flagged_unfamiliar"]
         lines += rows("unfamiliar? (no class)", other["overall"], other["per_folder"])
     return "\n".join(lines)
+
+
+def source_lines(by_source: dict[str, Any] | None) -> list[str]:
+    if by_source is None:
+        return []
+    if not by_source["known"]:
+        return ["", f"by source: {by_source['note']}"]
+    out = ["", f"{'photos of':<24} {'photos':>6} {'sources':>8} {'accuracy':>9} {'flagged':>8}"]
+    for name, part in by_source.items():
+        if name != "known":
+            flagged = "-" if part["flagged"] is None else f"{part['flagged']:.1%}"
+            out.append(f"{name:<24} {part['photos']:>6} {part['sources']:>8} {part['accuracy']:>9.2%} {flagged:>8}")
+    return out
 
 
 # --- Command line --------------------------------------------------------------------------------
@@ -120,7 +137,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def report_on(model_path: Path) -> dict[str, Any]:
         predictor, detector, model = load_model(model_path, threads_or_all(args.threads), code=args.code)
-        return evaluate(predictor, detector, model.vocab, args.data, args.unfamiliar)
+        report = evaluate(predictor, detector, model.vocab, args.data, args.unfamiliar)
+        sources = read_sources(args.data)
+        if sources:  # the data says where its photos come from: figures on new sources apart
+            report["by_source"] = by_training_source(report["photos"], sources,
+                                                     (model.file.card or {}).get("train_sources"))
+        return report
 
     def run() -> int:
         if args.sheet is not None and args.compare is None:

@@ -161,7 +161,8 @@ def by_source(done: Finished, train_outputs: Outputs | None, args: argparse.Name
 
 
 def model_card(done: Finished, learn: Any, args: argparse.Namespace, counts: Counter, train_images: int,
-               seconds: float, argv: list[str], source_split: dict[str, Any] | None = None) -> dict:
+               seconds: float, argv: list[str], source_split: dict[str, Any] | None = None,
+               sources: list[str] | None = None) -> dict:
     import fastai
     import torch
     import torchvision
@@ -201,6 +202,8 @@ def model_card(done: Finished, learn: Any, args: argparse.Namespace, counts: Cou
         "calibration": done.calibration.describe() if done.calibration is not None else None,
         "detector": detector,
         "source_split": source_split,
+        # What `app.evaluate` tells new sources from (SOURCES.csv's `repo` of the training photos).
+        "train_sources": sources,
         "training_seconds": round(seconds, 1),
         "versions": {"fastai": fastai.__version__, "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "python": sys.version.split()[0]},
@@ -220,8 +223,9 @@ def complete(learn: Any, train_files: list[Path], valid_files: list[Path], secon
     done = finish(learn, train_files, valid_files, args.out, args.detector_k, args.detector_keep, args.unfamiliar,
                   train_outputs=train_outputs, out_of_fold=out_of_fold)
     save_plots(done, args.out)
-    card = model_card(done, learn, args, counts, len(train_files), seconds, argv,
-                      by_source(done, train_outputs, args))
+    trained_on = sources_of(train_files, read_sources(args.data))
+    card = model_card(done, learn, args, counts, len(train_files), seconds, argv, by_source(done, train_outputs, args),
+                      sorted(set(trained_on)) if trained_on else None)
     (args.out / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
     # The checked bundle, to serve without torch: its parity is measured on the validation photos.
     try:

@@ -96,3 +96,28 @@ def source_split_figures(features: np.ndarray, labels: np.ndarray, files: list[P
         "errors": [{"file": files[i].name, "actual": vocab[labels[i]], "predicted": vocab[predicted[i]],
                     "source": groups[i]} for i in wrong],
     }
+
+
+def by_training_source(photos: list[dict[str, Any]], sources: dict[Path, str],
+                       train_sources: list[str] | None) -> dict[str, Any]:
+    """`app.evaluate`'s per-photo answers split by whether the model trained on photos of their
+    source (its card's `train_sources`): accuracy and flagged rate of each part, and on how many
+    photos and sources each rests. Photos of no listed source count apart."""
+    if train_sources is None:
+        return {"known": False, "note": "the model card does not list the sources it trained on (made before they "
+                                        "were recorded), so photos of new sources cannot be told apart"}
+    seen = set(train_sources)
+    parts: dict[str, list[dict[str, Any]]] = {"new sources": [], "sources it trained on": [], "no source listed": []}
+    for photo in photos:
+        source = sources.get(Path(photo["file"]).resolve())
+        parts["no source listed" if source is None else "sources it trained on" if source in seen
+              else "new sources"].append({**photo, "source": source})
+    report: dict[str, Any] = {"known": True}
+    for name, rows in parts.items():
+        if not rows:
+            continue
+        flags = [r["unfamiliar"] for r in rows if r["unfamiliar"] is not None]
+        report[name] = {"photos": len(rows), "sources": len({r["source"] for r in rows if r["source"]}),
+                        "accuracy": round(sum(r["actual"] == r["predicted"] for r in rows) / len(rows), 4),
+                        "flagged": round(sum(flags) / len(flags), 4) if flags else None}
+    return report
