@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from app.building.datasets import image_files, split
+from app.building.linear_head import FOLDS, stratified_folds
 from app.building.measure import predict_files
 from app.building.source_split import read_sources, source_split_figures, sources_of
 from app.core.bundle import load_bundle
@@ -51,17 +52,14 @@ def rate(flags: np.ndarray) -> str:
 
 def detector_rows(vocab: list[str], train: Any, valid: Any, ctx: Any, ctx_rows: list[dict[str, str]],
                   not_bears: Any, k: int, keep: float) -> list[str]:
-    from sklearn.model_selection import GroupKFold, StratifiedKFold
+    from sklearn.model_selection import GroupKFold
 
     ctx_labels = np.array([vocab.index(r["class"]) if r["class"] in vocab else -1 for r in ctx_rows])
     ctx_predicted = ctx.probs.argmax(1)
     home = np.array([r["setting"] == "home" for r in ctx_rows])
     groups = np.array([r["repo"] for r in ctx_rows])
     train_labels = np.array([vocab.index(p.parent.name) for p in train.files])
-    folds = np.zeros(len(train_labels), dtype=int)
-    for i, (_, held) in enumerate(StratifiedKFold(5, shuffle=True, random_state=42).split(train.features,
-                                                                                           train_labels)):
-        folds[held] = i
+    folds = stratified_folds(train_labels, FOLDS, seed=42)
     valid_predicted, train_predicted = valid.probs.argmax(1), train.probs.argmax(1)
 
     def fitted(kk: int, kp: float, oof: bool, extra: np.ndarray | None = None) -> Detector:

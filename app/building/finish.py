@@ -174,11 +174,10 @@ def model_card(done: Finished, learn: Any, args: argparse.Namespace, counts: Cou
                  "std": [round(v, 4) for v in norm[0].std.flatten().tolist()]}
     detector = None
     if done.detector is not None:
-        detector = {**done.detector.describe(),
-                    "threshold_rule": f"per predicted class: the split-conformal {1 - args.detector_keep:.0%} quantile "
-                                      "of the scores of the validation photos predicted as that class (the overall "
-                                      "one for a class with fewer than 40); validation photos only, photos of no "
-                                      "class never set it",
+        rule = (f"per predicted class: the split-conformal {1 - args.detector_keep:.0%} quantile of the scores of the "
+                f"photos predicted as that class ({done.detector.thresholds_from}; the overall one for a class with "
+                "fewer than 40); photos of no class never set it")
+        detector = {**done.detector.describe(), "threshold_rule": rule,
                     "unfamiliar_photos": done.unfamiliar}
     card = {
         "classes": done.vocab,

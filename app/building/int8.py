@@ -24,6 +24,7 @@ import numpy as np
 
 from app.building.bundle import compile_bundle
 from app.building.datasets import image_files, require_classes, split
+from app.building.linear_head import FOLDS, stratified_folds
 from app.building.measure import Outputs, predict_files
 from app.building.quantize import DEFAULT_RECIPE, Recipe, batched, quantize
 from app.core.bundle import (
@@ -157,8 +158,8 @@ def quantize_bundle(fp32_folder: Path, out: Path, train_files: list[Path], valid
         "recipe": recipe.describe(),
         "calibration": {**calibration_from, "photos": len(calibration),
                         "files": [_relative(p, root) for p in calibration]},
-        "detector": "fitted again on the INT8 model's features: references the training split, thresholds the "
-                    "validation split" if detector is not None else None,
+        "detector": f"fitted again on the INT8 model's features: references the training split, thresholds the "
+                    f"{detector.thresholds_from}" if detector is not None else None,
     }
     int8_manifest = dataclasses.replace(manifest, precision="int8", quantization=quantization, agreement=figures,
                                         files=files, versions=installed_versions(), format=BUNDLE_FORMAT)
@@ -180,8 +181,15 @@ def _refit_detector(source: LoadedBundle, int8: Predictor, train_files: list[Pat
     train = predict_files(int8, None, train_files)
     valid = predict_files(int8, None, valid_files)
     assert train.features is not None and valid.features is not None
+    folds = predicted = None
+    if source.detector.thresholds_from != "validation split":
+        # As app.train set the FP32 detector's: the training photos' out-of-fold scores join the
+        # validation photos' (their predicted class here: the INT8 model's own answer for them).
+        labels = np.array([source.manifest.classes.index(p.parent.name) for p in train.files])
+        folds = stratified_folds(labels, FOLDS, seed=42)
+        predicted = train.probs.argmax(axis=1)
     return Detector.fit(source.manifest.source_sha256, train.features, valid.features, valid.probs.argmax(axis=1),
-                        len(source.manifest.classes), source.detector.k, keep)
+                        len(source.manifest.classes), source.detector.k, keep, folds, predicted)
 
 
 def training_split(data: Path, card: dict[str, Any] | None, vocab: list[str]) -> tuple[list[Path], list[Path], str]:

@@ -38,6 +38,18 @@ class OutOfFold:
     targets: np.ndarray  # (n,) its class
 
 
+def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """The fold (0 .. n-1) each photo is held out in: stratified, shuffled with `seed`, and no more
+    folds than the smallest class has photos."""
+    from sklearn.model_selection import StratifiedKFold
+
+    splitter = StratifiedKFold(max(2, min(folds, int(np.bincount(labels).min()))), shuffle=True, random_state=seed)
+    fold_of = np.zeros(len(labels), dtype=int)
+    for i, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+        fold_of[held] = i
+    return fold_of
+
+
 def two_logits(scores: np.ndarray) -> np.ndarray:
     """scikit-learn's one score of a two-class model as the two logits softmax needs (their
     difference is the score, as the folded weights give)."""
@@ -52,7 +64,7 @@ def fit_linear_head(learn: Any, train_files: list[Path], threads: int,
     answers."""
     import torch
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict
+    from sklearn.model_selection import GridSearchCV, PredefinedSplit, cross_val_predict
     from sklearn.preprocessing import StandardScaler
 
     start = time.perf_counter()
@@ -62,7 +74,8 @@ def fit_linear_head(learn: Any, train_files: list[Path], threads: int,
     outputs = predict_files(predictor, None, train_files)
     labels = np.array([vocab.index(p.parent.name) for p in outputs.files])
     scaler = StandardScaler().fit(outputs.features)
-    folds = StratifiedKFold(min(FOLDS, int(np.bincount(labels).min())), shuffle=True, random_state=seed)
+    fold_of = stratified_folds(labels, FOLDS, seed)
+    folds = PredefinedSplit(fold_of)
     # C by cross-validated log-loss, not accuracy: on a small, easy set every C is 100% right, and
     # GridSearchCV then takes the first, the strongest regularisation, whose probabilities say
     # 70% for answers that are right 98% of the time (README, "A student's small dataset").
@@ -71,9 +84,6 @@ def fit_linear_head(learn: Any, train_files: list[Path], threads: int,
     standardised = scaler.transform(outputs.features)
     search.fit(standardised, labels)
     model = search.best_estimator_
-    fold_of = np.zeros(len(labels), dtype=int)
-    for i, (_, held) in enumerate(folds.split(standardised, labels)):
-        fold_of[held] = i
     scores = cross_val_predict(LogisticRegression(max_iter=5000, C=model.C), standardised, labels, cv=folds,
                                method="decision_function")
     out_of_fold = OutOfFold(two_logits(scores), fold_of, labels)
@@ -92,5 +102,5 @@ def fit_linear_head(learn: Any, train_files: list[Path], threads: int,
               "cv_log_loss_on_training_photos": round(float(-search.best_score_), 4),
               "cv_accuracy_on_training_photos": round(
                   float(search.cv_results_["mean_test_accuracy"][search.best_index_]), 4),
-              "folds": folds.n_splits}
+              "folds": folds.get_n_splits()}
     return chosen, time.perf_counter() - start, outputs, out_of_fold

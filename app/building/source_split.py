@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from app.building.linear_head import stratified_folds
 from app.core.detector import DEFAULT_K, DEFAULT_KEEP, Detector
 
 SOURCES_FILE = "SOURCES.csv"
@@ -52,12 +53,7 @@ def _fit_head(features: np.ndarray, labels: np.ndarray, c: float) -> Any:
 def _fit_detector(features: np.ndarray, labels: np.ndarray, predicted: np.ndarray, n_classes: int, k: int,
                   keep: float, seed: int) -> Detector:
     """The detector on these photos alone, thresholds from their out-of-fold scores."""
-    from sklearn.model_selection import StratifiedKFold
-
-    folds = np.zeros(len(labels), dtype=int)
-    splits = StratifiedKFold(min(INNER_FOLDS, int(np.bincount(labels).min())), shuffle=True, random_state=seed)
-    for i, (_, held) in enumerate(splits.split(features, labels)):
-        folds[held] = i
+    folds = stratified_folds(labels, INNER_FOLDS, seed)
     return Detector.fit("", features, features[:0], predicted[:0], n_classes, k, keep, folds, predicted)
 
 

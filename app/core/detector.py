@@ -5,8 +5,9 @@ coffee would get "teddys" or "grizzly", often with high confidence. The detector
 model's own features (the pooled body features that fastai's head takes as input, from the same
 forward pass that gives the logits): a photo is *unfamiliar* when its cosine similarity to its k-th
 nearest training image is below the threshold of the class the model predicts for it. Each class's
-threshold is set on the validation photos predicted as that class only, so that a chosen share of
-them (97% by default) are still called familiar: a class whose photos are more varied (teddy bears
+threshold is set on the validation photos predicted as that class only (and, where `app.train`
+has them, the training photos' out-of-fold scores), so that a chosen share of them (97% by
+default) are still called familiar: a class whose photos are more varied (teddy bears
 in every setting) gets a lower threshold instead of taking most of the false flags.
 
 `python -m app.train` fits one for every model it makes and saves it next to the export
