@@ -70,13 +70,6 @@ def serving(folder: Path, image: Path, levels: list[int], seconds: float, max_re
     return lines
 
 
-def _labelled(folder: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
-    from app.building.datasets import image_files
-
-    files = [p for i, cls in enumerate(classes) for p in image_files(folder / cls)]
-    return files, np.array([classes.index(p.parent.name) for p in files])
-
-
 def answers(folder: Path) -> list[str]:
     """Both bundles on photos they never saw: accuracy, flagged rates, bears answered teddys unflagged."""
     from app.building.datasets import image_files
@@ -88,7 +81,7 @@ def answers(folder: Path) -> list[str]:
     classes = bundles["FP32"].manifest.classes
     sets: dict[str, list[Path]] = {}
     if (SHARED / "in-context").is_dir():
-        sets["in-context, classes"] = _labelled(SHARED / "in-context", classes)[0]
+        sets["in-context, classes"] = [p for cls in classes for p in image_files(SHARED / "in-context" / cls)]
         sets["in-context, no bear"] = image_files(SHARED / "in-context" / "not-bear", recursive=True)
     if (SHARED / "not-bears").is_dir():
         sets["not-bears"] = image_files(SHARED / "not-bears", recursive=True)
