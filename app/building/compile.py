@@ -79,14 +79,14 @@ def check_out(out: Path) -> None:
         raise UsageError(f"--out {out} holds other files: give an empty or new folder (or an earlier bundle)")
 
 
-def int8(args: argparse.Namespace) -> int:
+def int8(args: argparse.Namespace, check_files: list[Path]) -> int:
     if args.calibration is None or not args.calibration.is_dir():
         raise UsageError("--int8 needs --calibration DATA, the folder of class folders the model was trained on"
                          + (f" (not found: {args.calibration})" if args.calibration is not None else ""))
     recipe = Recipe(reduce_range=args.reduce_range)
     try:
         manifest = compile_int8_bundle(args.export, args.out, args.calibration, threads_or_all(args.threads),
-                                       recipe, args.calibration_photos, args.force, args.code)
+                                       recipe, args.calibration_photos, args.force, args.code, check_files)
     except (ModelLoadError, ContractNotMet, ValueError) as exc:
         raise UsageError(str(exc)) from None
     print(agreement_summary(manifest, args.out))
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.check is not None and not photos:
             raise UsageError(f"no photos below {args.check}")
         if args.int8:
-            return int8(args)
+            return int8(args, photos)
         try:
             manifest = compile_bundle(args.export, args.out, photos, threads_or_all(args.threads), args.code)
         except ModelLoadError as exc:

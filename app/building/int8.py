@@ -205,12 +205,13 @@ def training_split(data: Path, card: dict[str, Any] | None, vocab: list[str]) ->
 
 
 def compile_int8_bundle(export: Path, out: Path, data: Path, threads: int, recipe: Recipe = DEFAULT_RECIPE,
-                        photos: int = CALIBRATION_PHOTOS, force: bool = False,
-                        code: Path | None = None) -> BundleManifest:
-    """`export` compiled and checked against learn.predict (`app.building.bundle`), then quantized
-    into the bundle `out`, calibrated and measured on `data`'s training and validation split."""
+                        photos: int = CALIBRATION_PHOTOS, force: bool = False, code: Path | None = None,
+                        check_files: list[Path] | None = None) -> BundleManifest:
+    """`export` compiled and checked against learn.predict (`app.building.bundle`, on `check_files`
+    too), then quantized into the bundle `out`, calibrated and measured on `data`'s training and
+    validation split."""
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-        fp32 = compile_bundle(export, Path(tmp), [], threads, code)
+        fp32 = compile_bundle(export, Path(tmp), check_files or [], threads, code)
         train, valid, how = training_split(data, fp32.card, fp32.classes)
         return quantize_bundle(Path(tmp), out, train, valid, threads, {"data": str(data), "split": how}, recipe,
                                photos, force=force)
