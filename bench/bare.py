@@ -46,6 +46,10 @@ def in_own_process(onnx: Path, batch: int, seconds: float = 4.0) -> dict[str, fl
     return json.loads(out.stdout)
 
 
+def rate_in_own_process(onnx: Path, batch: int, seconds: float = 4.0) -> float:
+    return in_own_process(onnx, batch, seconds)["rate"]
+
+
 if __name__ == "__main__":
     onnx, batch, seconds, threads = sys.argv[1:5]
     print(json.dumps(measure(Path(onnx), int(batch), float(seconds), int(threads))))

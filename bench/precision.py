@@ -18,14 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from bench.bare import in_own_process
+from bench.bare import rate_in_own_process as bare
 from bench.servers import ROOT, LoadResult, Server, start_baseline, start_ours
 
 SHARED = ROOT.parent / "shared" / "data"
 BATCH = 8  # the service's MAX_BATCH default
-
-
-def bare(onnx: Path, batch: int, seconds: float = 4.0) -> float:
-    return in_own_process(onnx, batch, seconds)["rate"]
 
 
 def serving(folder: Path, image: Path, levels: list[int], seconds: float, max_requests: int) -> list[str]:

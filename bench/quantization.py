@@ -30,7 +30,7 @@ from app.building.quantize import Recipe, batched, quantize
 from app.core.bundle import MODEL_NAME, load_bundle
 from app.core.prediction import prepare_image
 from app.core.runner import onnx_runner, softmax
-from bench.bare import in_own_process
+from bench.bare import rate_in_own_process as bare
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_CALIBRATION = 32
@@ -58,10 +58,6 @@ def cpu_description() -> str:
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
     simd = [f for f in flags if f.startswith(("avx", "amx")) or "vnni" in f]
     return f"{name}, {os.cpu_count()} cores; SIMD: {' '.join(simd) or 'none listed'}"
-
-
-def bare(onnx: Path, batch: int, seconds: float) -> float:
-    return in_own_process(onnx, batch, seconds)["rate"]
 
 
 def main() -> int:

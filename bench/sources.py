@@ -154,15 +154,19 @@ def main() -> int:
     files = [p for cls in vocab for p in image_files(bears / cls)]
     train_files, valid_files = split(files, card["valid_pct"], card["seed"])
     run = {name: predict_files(bundle.predictor, bundle.detector, chosen) for name, chosen in
-           (("train", train_files), ("valid", valid_files), ("all", files),
+           (("train", train_files), ("valid", valid_files),
             ("ctx", image_files(SHARED / "in-context", recursive=True)),
             ("not_bears", image_files(SHARED / "not-bears", recursive=True)))}
-    everything = run["all"]
-    labels = np.array([vocab.index(p.parent.name) for p in everything.files])
-    groups = sources_of(everything.files, read_sources(bears))
+    # Every bear photo, from the two splits' outputs, in the folders' order (which sets the folds).
+    row_of = {p: i for i, p in enumerate([*run["train"].files, *run["valid"].files])}
+    position = {p: i for i, p in enumerate(files)}
+    every_file = sorted(row_of, key=position.__getitem__)
+    features = np.concatenate([run["train"].features, run["valid"].features])[[row_of[p] for p in every_file]]
+    labels = np.array([vocab.index(p.parent.name) for p in every_file])
+    groups = sources_of(every_file, read_sources(bears))
     assert groups is not None, "every bear photo needs its source in SOURCES.csv"
-    by_source = source_split_figures(everything.features, labels, everything.files, groups, vocab,
-                                     card["head"]["C"], seed=card["seed"])
+    by_source = source_split_figures(features, labels, every_file, groups, vocab, card["head"]["C"],
+                                     seed=card["seed"])
     lines = [f"# The default model on new sources ({args.model})", "",
              "| photos | sources | accuracy | " + " | ".join(f"{c} flagged" for c in vocab) + " |",
              "|---|---:|---:|" + "---:|" * len(vocab)]

@@ -145,13 +145,15 @@ def save_plots(done: Finished, out: Path, top: int = 9) -> None:
     plt.close("all")
 
 
-def by_source(done: Finished, train_outputs: Outputs | None, args: argparse.Namespace) -> dict[str, Any] | None:
+def by_source(done: Finished, train_outputs: Outputs | None, args: argparse.Namespace,
+              sources: dict[Path, str]) -> dict[str, Any] | None:
     """The recipe's figures on whole sources left out (`app.building.source_split`), when the data's
-    SOURCES.csv names every photo's source and the head is linear (refitting it per fold is cheap)."""
+    SOURCES.csv (`sources`) names every photo's source and the head is linear (refitting it per
+    fold is cheap)."""
     if train_outputs is None or train_outputs.features is None or done.valid.features is None or not args.head_fit:
         return None
     files = [*train_outputs.files, *done.valid.files]
-    groups = sources_of(files, read_sources(args.data))
+    groups = sources_of(files, sources)
     if groups is None or len(set(groups)) < 2:
         return None
     features = np.concatenate([train_outputs.features, done.valid.features])
@@ -222,9 +224,10 @@ def complete(learn: Any, train_files: list[Path], valid_files: list[Path], secon
     done = finish(learn, train_files, valid_files, args.out, args.detector_k, args.detector_keep, args.unfamiliar,
                   train_outputs=train_outputs, out_of_fold=out_of_fold)
     save_plots(done, args.out)
-    trained_on = sources_of(train_files, read_sources(args.data))
-    card = model_card(done, learn, args, counts, len(train_files), seconds, argv, by_source(done, train_outputs, args),
-                      sorted(set(trained_on)) if trained_on else None)
+    sources = read_sources(args.data)
+    trained_on = sources_of(train_files, sources)
+    card = model_card(done, learn, args, counts, len(train_files), seconds, argv,
+                      by_source(done, train_outputs, args, sources), sorted(set(trained_on)) if trained_on else None)
     (args.out / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
     # The checked bundle, to serve without torch: its parity is measured on the validation photos.
     try:

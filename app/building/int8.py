@@ -135,9 +135,12 @@ def quantize_bundle(fp32_folder: Path, out: Path, train_files: list[Path], valid
     quantize(fp32_folder / MODEL_NAME, out / MODEL_NAME, batched(_inputs(calibration, source.predictor)), recipe)
     int8 = _int8_predictor(source.predictor, out / MODEL_NAME, manifest.activation, threads)
 
-    detector = _refit_detector(source, int8, train_files, valid_files, keep)
+    int8_valid = predict_files(int8, None, valid_files)
+    detector = _refit_detector(source, int8, train_files, int8_valid, keep)
+    if detector is not None:
+        assert int8_valid.features is not None
+        int8_valid.unfamiliar = detector.unfamiliar(int8_valid.features, int8_valid.probs.argmax(axis=1))
     fp32_valid = predict_files(source.predictor, source.detector, valid_files)
-    int8_valid = predict_files(int8, detector, valid_files)
     targets = np.array([vocab.index(p.parent.name) for p in fp32_valid.files])
     figures = agreement(fp32_valid, int8_valid, targets, vocab)
     breaches = contract_breaches(figures)
@@ -174,12 +177,13 @@ def _relative(path: Path, root: Path) -> str:
         return path.name
 
 
-def _refit_detector(source: LoadedBundle, int8: Predictor, train_files: list[Path], valid_files: list[Path],
+def _refit_detector(source: LoadedBundle, int8: Predictor, train_files: list[Path], valid: Outputs,
                     keep: float) -> Detector | None:
+    """The detector on the INT8 model's features: references its training-photo features,
+    thresholds from `valid`, its outputs on the validation photos."""
     if source.detector is None:
         return None
     train = predict_files(int8, None, train_files)
-    valid = predict_files(int8, None, valid_files)
     assert train.features is not None and valid.features is not None
     folds = predicted = None
     if source.detector.thresholds_from != "validation split":
@@ -201,7 +205,12 @@ def training_split(data: Path, card: dict[str, Any] | None, vocab: list[str]) ->
     seed, valid_pct = (card or {}).get("seed", 42), (card or {}).get("valid_pct", 0.2)
     files = [p for cls in classes for p in image_files(data / cls)]
     train, valid = split(files, valid_pct, seed)
-    return train, valid, f"app.train's split of {data.name} (seed {seed}, {valid_pct:.0%} held out for validation)"
+    return train, valid, split_description(data, seed, valid_pct)
+
+
+def split_description(data: Path, seed: int, valid_pct: float) -> str:
+    """Where an INT8 bundle's calibration and validation photos come from, in its manifest."""
+    return f"app.train's split of {data.name} (seed {seed}, {valid_pct:.0%} held out for validation)"
 
 
 def compile_int8_bundle(export: Path, out: Path, data: Path, threads: int, recipe: Recipe = DEFAULT_RECIPE,

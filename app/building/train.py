@@ -36,7 +36,7 @@ from app.building.cli import USAGE_ERROR, UsageError, parser, run_command
 from app.building.datasets import REJECTED_DIR, image_files, require_classes
 from app.building.download import DownloadReport, download_images, parse_url_specs
 from app.building.finish import BUNDLE_NAME, CARD_NAME, EXPORT_NAME, INT8_BUNDLE_NAME, complete
-from app.building.int8 import ContractNotMet, agreement_summary, quantize_bundle
+from app.building.int8 import ContractNotMet, agreement_summary, quantize_bundle, split_description
 from app.building.linear_head import fit_linear_head
 from app.building.measure import unfamiliar_files
 from app.building.recipe import (
@@ -254,8 +254,7 @@ def int8_bundle(args: argparse.Namespace, train_files: list[Path], valid_files: 
     """OUT/bundle-int8 from OUT/bundle: what to print, and whether it was made."""
     if no_bundle:
         return f"no INT8 bundle: there is no FP32 bundle to quantize ({no_bundle})", False
-    how = {"data": str(args.data), "split": f"app.train's split of {args.data.name} (seed {args.seed}, "
-                                            f"{args.valid_pct:.0%} held out for validation)"}
+    how = {"data": str(args.data), "split": split_description(args.data, args.seed, args.valid_pct)}
     out = args.out / INT8_BUNDLE_NAME
     try:
         manifest = quantize_bundle(args.out / BUNDLE_NAME, out, train_files, valid_files, os.cpu_count() or 1, how,
