@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.building.datasets import image_files, require_classes, split
+from app.building.datasets import class_files, require_classes, split
 from app.building.int8 import CALIBRATION_PHOTOS, calibration_sample
 from app.building.quantize import Recipe, batched, quantize
 from app.core.bundle import MODEL_NAME, load_bundle
@@ -68,7 +68,7 @@ def main() -> int:
     parser.add_argument("--only", default="", help="only the recipes whose name contains this")
     args = parser.parse_args()
     card = json.loads((args.model / "model-card.json").read_text())
-    files = [p for cls in require_classes(args.data) for p in image_files(args.data / cls)]
+    files = class_files(args.data, require_classes(args.data))
     train, valid = split(files, card["valid_pct"], card["seed"])
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model / "bundle"

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from app.building.datasets import image_files, split
+from app.building.datasets import class_files, image_files, split
 from app.building.linear_head import FOLDS, stratified_folds
 from app.building.measure import predict_files
 from app.building.source_split import read_sources, source_split_figures, sources_of
@@ -151,7 +151,7 @@ def main() -> int:
     bundle = load_bundle(args.model / "bundle", os.cpu_count() or 1)
     vocab = bundle.manifest.classes
     bears = SHARED / "bears"
-    files = [p for cls in vocab for p in image_files(bears / cls)]
+    files = class_files(bears, vocab)
     train_files, valid_files = split(files, card["valid_pct"], card["seed"])
     run = {name: predict_files(bundle.predictor, bundle.detector, chosen) for name, chosen in
            (("train", train_files), ("valid", valid_files),

@@ -38,6 +38,12 @@ def require_classes(data: Path) -> list[str]:
                      f"found {len(classes)}{hint}")
 
 
+def class_files(data: Path, classes: list[str]) -> list[Path]:
+    """The photos of `classes`' folders of `data`, class by class: the list `app.train` trains on,
+    in the order its validation split (`split`) depends on."""
+    return [p for cls in classes for p in image_files(data / cls)]
+
+
 def split(files: list[Path], valid_pct: float, seed: int) -> tuple[list[Path], list[Path]]:
     """The training and validation files `app.train` uses for this file list, seed and share
     (fastai's RandomSplitter, which `ImageDataLoaders.from_lists` applies), to measure a model

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from app.building.bundle import compile_bundle
-from app.building.datasets import image_files, require_classes, split
+from app.building.datasets import class_files, require_classes, split
 from app.building.linear_head import FOLDS, stratified_folds
 from app.building.measure import Outputs, predict_files
 from app.building.quantize import DEFAULT_RECIPE, Recipe, batched, quantize
@@ -203,7 +203,7 @@ def training_split(data: Path, card: dict[str, Any] | None, vocab: list[str]) ->
     if classes != sorted(vocab):
         raise ValueError(f"the classes of {data} ({', '.join(classes)}) are not the model's ({', '.join(vocab)})")
     seed, valid_pct = (card or {}).get("seed", 42), (card or {}).get("valid_pct", 0.2)
-    files = [p for cls in classes for p in image_files(data / cls)]
+    files = class_files(data, classes)
     train, valid = split(files, valid_pct, seed)
     return train, valid, split_description(data, seed, valid_pct)
 

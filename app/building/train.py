@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from app.building.cli import USAGE_ERROR, UsageError, parser, run_command
-from app.building.datasets import REJECTED_DIR, image_files, require_classes
+from app.building.datasets import REJECTED_DIR, class_files, image_files, require_classes
 from app.building.download import DownloadReport, download_images, parse_url_specs
 from app.building.finish import BUNDLE_NAME, CARD_NAME, EXPORT_NAME, INT8_BUNDLE_NAME, complete
 from app.building.int8 import ContractNotMet, agreement_summary, quantize_bundle, split_description
@@ -148,7 +148,7 @@ def prepare_data(args: argparse.Namespace) -> tuple[list[Path], Counter[str], li
         report = asyncio.run(download_images(urls, args.data, args.max_per_class))
     classes = require_classes(args.data)
     rejected = verify_images(args.data, classes)
-    files = [p for cls in classes for p in image_files(args.data / cls)]
+    files = class_files(args.data, classes)
     counts = Counter(p.parent.name for p in files)
     short = {cls: counts[cls] for cls in classes if counts[cls] < args.min_per_class}
     if short:
