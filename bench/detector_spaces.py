@@ -143,11 +143,10 @@ def crop_rows(bears: Outputs, fold: np.ndarray, predicted: list[np.ndarray], bea
     """Flags and scores of each of `others` (whole-photo and crop features) when a photo's score
     combines its whole photo's and its crop's similarity to the bear photos (whole), thresholds from
     the bear photos' out-of-fold combined scores in the same source folds."""
-    k = DEFAULT_K
+    k, k_in_fold = DEFAULT_K, round(DEFAULT_K * 4 / 5)  # as `out_of_fold_scores`: a reference 4/5 as large
     out_of_fold = np.zeros(len(fold))
     for i in np.unique(fold):
         reference, held = l2_normalised(bears.features[fold != i]), fold == i
-        k_in_fold = round(k * 4 / 5)
         out_of_fold[held] = combine(knn_similarity(reference, l2_normalised(bears.features[held]), k_in_fold),
                                     knn_similarity(reference, l2_normalised(bear_crops[held]), k_in_fold))
     limits = np.array([threshold_keeping(out_of_fold[predicted[0] == c], 0.97) for c in range(n_classes)])
