@@ -28,7 +28,9 @@ compare an object-centred crop of each photo (`bench.object_crops`) with the bea
 averaged with the whole photo's similarity (`--no-crops` leaves them out). For each row, the
 AUROC of in-context teddies against in-context photos without a bear, and the share of the latter
 flagged at the threshold that flags 5% of those teddies: a threshold tuned on the very photos
-reported, so not an estimate but the most that score could give at issue 28's 5%.
+reported, so not an estimate but the most that score could give at issue 28's 5%. One row is the
+detector `app.train --unfamiliar ../shared/data/not-bears --outlier-exposure` would fit: the k-NN
+test and a second one learnt from not-bears, whose flags on them are out of fold.
 
 Part 2, a student's small set: `--draws` random subsets of N photos a class of not-bears' cats and
 dogs, split as `app.train` splits (20% validation), the linear head as a logistic regression on the
@@ -44,6 +46,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -51,9 +54,10 @@ import numpy as np
 from app.building.datasets import class_files, image_files
 from app.building.linear_head import stratified_folds
 from app.building.measure import Outputs, predict_files
+from app.building.outlier_exposure import fit_outlier_test
 from app.building.source_split import read_sources, sources_of
 from app.core.bundle import load_bundle
-from app.core.detector import DEFAULT_K, Detector, knn_similarity, l2_normalised, threshold_keeping
+from app.core.detector import DEFAULT_K, DEFAULT_KEEP, Detector, knn_similarity, l2_normalised, threshold_keeping
 from bench.object_crops import crop_features
 from bench.servers import ROOT
 from bench.sources import SHARED, in_context_table, rate
@@ -169,11 +173,12 @@ def default_model_table(architecture: str, vocab: list[str], bears: Outputs, bea
              "AUROC teddies vs no bear (in-context) | no bear flagged where 5% of teddies are |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
-    def row(name: str, ctx_flags: np.ndarray, not_bear_flags: np.ndarray, ctx_scores: np.ndarray) -> None:
+    def row(name: str, ctx_flags: np.ndarray, not_bear_flags: np.ndarray, ctx_scores: np.ndarray | None) -> None:
         cells = [rate(ctx_flags[ctx_labels == i]) for i in range(len(vocab))]
+        bound = ("- | -" if ctx_scores is None else
+                 best_possible(ctx_scores[ctx_labels == teddys], ctx_scores[ctx_labels == -1]))
         lines.append(f"| {name} | {' | '.join(cells)} | {rate(ctx_flags[(ctx_labels == teddys) & home])} | "
-                     f"{rate(ctx_flags[ctx_labels == -1])} | {rate(not_bear_flags)} | "
-                     f"{best_possible(ctx_scores[ctx_labels == teddys], ctx_scores[ctx_labels == -1])} |")
+                     f"{rate(ctx_flags[ctx_labels == -1])} | {rate(not_bear_flags)} | {bound} |")
 
     for name, space in spaces(architecture, bears.features).items():
         detector = Detector.fit("", space(bears.features), space(bears.features[:0]), predicted[0][:0], len(vocab),
@@ -188,6 +193,14 @@ def default_model_table(architecture: str, vocab: list[str], bears: Outputs, bea
             flags, scores = crop_rows(bears, fold, predicted, bear_crops, [(ctx.features, ctx_crops),
                                       (not_bears.features, not_bear_crops)], combine, len(vocab))
             row(name, flags[0], flags[1], scores[0])
+    # As app.train --unfamiliar not-bears --outlier-exposure would fit it: not-bears' flags out of fold.
+    knn = Detector.fit("", bears.features, bears.features[:0], predicted[0][:0], len(vocab), train_folds=fold,
+                       train_predicted=predicted[0])
+    fitted = fit_outlier_test(bears.features, labels, predicted[0], bears.features[:0], predicted[0][:0],
+                              not_bears.features, predicted[2], len(vocab), DEFAULT_KEEP)
+    row("pooled k-NN + `app.train --outlier-exposure` against not-bears (not-bears out of fold; no single score)",
+        replace(knn, outlier=fitted.test).unfamiliar(ctx.features, predicted[1]),
+        knn.unfamiliar(not_bears.features, predicted[2]) | fitted.negative_flags, None)
     scores = outlier_exposure(bears, bear_groups, ctx, ctx_labels, [r["repo"] for r in ctx_rows], not_bears,
                               not_bear_groups)
     bear_scores, ctx_scores, not_bear_scores = np.split(scores, [len(bears.files), len(bears.files) + len(ctx.files)])

@@ -5,8 +5,11 @@
 For each size, `python -m app.train` at its defaults on that many photos a class of
 `../shared/data/not-bears/{cats,dogs}` (a random subset, per seed), then its bundle on what it never
 saw: the other cat and dog photos (accuracy, ECE, median top probability, each class's flagged
-rate) and the bear photos (flagged rate: a cats/dogs model should call them unfamiliar). Prints what
-the training printed as warnings, and a Markdown table.
+rate) and the bear photos (flagged rate: a cats/dogs model should call them unfamiliar). Then the
+same with `--unfamiliar OTHER --outlier-exposure`, OTHER being the rest of not-bears (people, food,
+vehicles, objects, plants, scenes, other animals: no bear among them), so that the detector's
+second test learns from them; the bears are never among what it learns from. Prints what the
+training printed as warnings, and a Markdown table.
 """
 
 from __future__ import annotations
@@ -50,6 +53,28 @@ def new_photos_figures(bundle: Path, held_out: dict[str, list[Path]], bears: lis
     return figures
 
 
+def train_and_measure(pools: dict[str, list[Path]], bears: list[Path], size: int, seed: int,
+                      options: list[str]) -> str:
+    """`app.train` with `options` on `size` photos a class drawn with `seed`; the rest of a table row."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data, held_out = Path(tmp) / "data", {}
+        for cls, pool in pools.items():
+            chosen = random.Random(seed * 1000 + size).sample(pool, size)
+            (data / cls).mkdir(parents=True)
+            for path in chosen:
+                shutil.copy(path, data / cls / path.name)
+            held_out[cls] = [p for p in pool if p not in chosen]
+        done = subprocess.run([sys.executable, "-m", "app.train", str(data), "--out", str(Path(tmp) / "out"),
+                               "--quiet", *options], cwd=ROOT, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(done.stdout, done.stderr, file=sys.stderr)
+            raise SystemExit(f"app.train failed at size {size}")
+        warnings = [line.strip() for line in done.stdout.splitlines() if line.strip().startswith("warning")]
+        f = new_photos_figures(Path(tmp) / "out" / "bundle", held_out, bears)
+        return (f"{f['accuracy']:.1%} ({f['photos']}) | {f['ece']:.3f} | {f['median_top']:.2f} | "
+                f"{f['cats_flagged']:.1%} | {f['dogs_flagged']:.1%} | {f['bears_flagged']:.1%} | {len(warnings)} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.small_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[15, 25, 35])
@@ -58,29 +83,18 @@ def main() -> int:
     pools = {cls: sorted((SHARED / "not-bears" / cls).glob("*.jpg")) for cls in CLASSES}
     bears = sorted((SHARED / "bears").rglob("*.jpg"))
     bears = random.Random(0).sample(bears, min(BEAR_SAMPLE, len(bears)))
-    rows = ["| photos a class | seed | accuracy | ECE | median top probability | cats flagged | dogs flagged | "
-            "bears flagged | warnings printed |", "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for size in args.sizes:
-        for seed in range(args.seeds):
-            with tempfile.TemporaryDirectory() as tmp:
-                data, held_out = Path(tmp) / "data", {}
-                for cls, pool in pools.items():
-                    chosen = random.Random(seed * 1000 + size).sample(pool, size)
-                    (data / cls).mkdir(parents=True)
-                    for path in chosen:
-                        shutil.copy(path, data / cls / path.name)
-                    held_out[cls] = [p for p in pool if p not in chosen]
-                done = subprocess.run([sys.executable, "-m", "app.train", str(data), "--out", str(Path(tmp) / "out"),
-                                       "--quiet"], cwd=ROOT, capture_output=True, text=True)
-                if done.returncode != 0:
-                    print(done.stdout, done.stderr, file=sys.stderr)
-                    raise SystemExit(f"app.train failed at size {size}")
-                warnings = [line.strip() for line in done.stdout.splitlines() if line.strip().startswith("warning")]
-                f = new_photos_figures(Path(tmp) / "out" / "bundle", held_out, bears)
-                rows.append(f"| {size} | {seed} | {f['accuracy']:.1%} ({f['photos']}) | {f['ece']:.3f} | "
-                            f"{f['median_top']:.2f} | {f['cats_flagged']:.1%} | {f['dogs_flagged']:.1%} | "
-                            f"{f['bears_flagged']:.1%} | {len(warnings)} |")
-                print(rows[-1], *warnings, sep="\n  ", file=sys.stderr, flush=True)
+    rows = ["| photos a class | seed | detector | accuracy | ECE | median top probability | cats flagged | "
+            "dogs flagged | bears flagged | warnings printed |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    with tempfile.TemporaryDirectory() as others:
+        for folder in (SHARED / "not-bears").iterdir():
+            if folder.is_dir() and folder.name not in CLASSES:
+                shutil.copytree(folder, Path(others) / folder.name)
+        variants = {"k-NN (defaults)": [], "k-NN + outlier exposure": ["--unfamiliar", others, "--outlier-exposure"]}
+        for size in args.sizes:
+            for seed in range(args.seeds):
+                for name, options in variants.items():
+                    rows.append(f"| {size} | {seed} | {name} | {train_and_measure(pools, bears, size, seed, options)}")
+                    print(rows[-1], file=sys.stderr, flush=True)
     print("\n".join(rows))
     return 0
 

@@ -10,7 +10,7 @@ import os
 import shlex
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,8 @@ from app.building.bundle import compile_bundle
 from app.building.calibration import Calibration, calibrate, fold_temperature
 from app.building.evidence import warnings_for
 from app.building.linear_head import OutOfFold
-from app.building.measure import Outputs, confusion_matrix, predict_files, unfamiliar_rates
+from app.building.measure import Outputs, confusion_matrix, folder_rates, predict_files, unfamiliar_files
+from app.building.outlier_exposure import fit_outlier_test
 from app.building.source_split import read_sources, source_split_figures, sources_of
 from app.core.detector import Detector, detector_path
 from app.core.files import sha256_file
@@ -47,6 +48,7 @@ class Finished:
     detector: Detector | None
     export_path: Path
     unfamiliar: dict[str, Any] | None = None  # flagged rates of --unfamiliar photos, per folder
+    negatives: np.ndarray | None = None  # their features, when they trained the detector's outlier test
 
     @property
     def predicted(self) -> np.ndarray:
@@ -63,13 +65,16 @@ class Finished:
 
 def finish(learn: Any, train_files: list[Path], valid_files: list[Path], out: Path, k: int, keep: float,
            unfamiliar: Path | None = None, threads: int | None = None,
-           train_outputs: Outputs | None = None, out_of_fold: OutOfFold | None = None) -> Finished:
+           train_outputs: Outputs | None = None, out_of_fold: OutOfFold | None = None,
+           outlier_exposure: bool = False) -> Finished:
     """Calibrate, export and fit the unfamiliar-image detector, all through the server's own
     decoding and preprocessing (the torch fallback of `app.learner.compile`), so that the validation
     figures and the detector's reference features are what the server will see. `train_outputs`:
     the training photos' pooled features, when fitting the head has already computed them; with
     `out_of_fold` (the linear head's), the temperature and the detector's thresholds rest on the
-    training photos' out-of-fold answers as well as on the validation photos."""
+    training photos' out-of-fold answers as well as on the validation photos. With
+    `outlier_exposure`, the photos in `unfamiliar` train the detector's second test, and their
+    flagged rates are measured out of fold."""
     from scipy.special import softmax
 
     vocab = [str(v) for v in learn.dls.vocab]
@@ -92,17 +97,30 @@ def finish(learn: Any, train_files: list[Path], valid_files: list[Path], out: Pa
         valid.probs = softmax(log_probs / calibration.temperature, axis=1).astype(np.float32)
     export_path = export(learn, out)
     detector = None
+    negatives = predict_files(predictor, None, unfamiliar_files(unfamiliar)) if unfamiliar is not None else None
     if has_features and valid.features is not None:
-        reference = (train_outputs or predict_files(predictor, None, train_files)).features
+        train = train_outputs or predict_files(predictor, None, train_files)
         folds = (out_of_fold.fold, out_of_fold.logits.argmax(axis=1)) if out_of_fold is not None else (None, None)
-        detector = Detector.fit(sha256_file(export_path), reference, valid.features, valid.probs.argmax(axis=1),
+        detector = Detector.fit(sha256_file(export_path), train.features, valid.features, valid.probs.argmax(axis=1),
                                 len(vocab), k, keep, *folds)
+        if negatives is not None and negatives.features is not None:
+            # The k-NN test never sees the photos of no class, so its flags on them are honest as they are.
+            negatives.unfamiliar = detector.unfamiliar(negatives.features, negatives.probs.argmax(axis=1))
+            if outlier_exposure:
+                labels = np.array([vocab.index(p.parent.name) for p in train.files])
+                fitted = fit_outlier_test(train.features, labels, labels if folds[1] is None else folds[1],
+                                          valid.features, valid.probs.argmax(axis=1), negatives.features,
+                                          negatives.probs.argmax(axis=1), len(vocab), keep)
+                detector = replace(detector, outlier=fitted.test)
+                negatives.unfamiliar |= fitted.negative_flags
         detector.save(detector_path(export_path))
     else:
         detector_path(export_path).unlink(missing_ok=True)
     finished = Finished(vocab, valid, targets, calibration, detector, export_path)
-    if unfamiliar is not None and detector is not None:
-        finished.unfamiliar = unfamiliar_rates(predictor, detector, unfamiliar)
+    if unfamiliar is not None and negatives is not None and detector is not None:
+        finished.unfamiliar = folder_rates(negatives, unfamiliar)
+        if detector.outlier is not None:
+            finished.negatives = negatives.features
     return finished
 
 
@@ -159,7 +177,7 @@ def by_source(done: Finished, train_outputs: Outputs | None, args: argparse.Name
     features = np.concatenate([train_outputs.features, done.valid.features])
     labels = np.array([done.vocab.index(p.parent.name) for p in files])
     return source_split_figures(features, labels, files, groups, done.vocab, args.head_fit["C"], args.detector_k,
-                                args.detector_keep, args.seed)
+                                args.detector_keep, args.seed, done.negatives)
 
 
 def model_card(done: Finished, learn: Any, args: argparse.Namespace, counts: Counter, train_images: int,
@@ -179,6 +197,9 @@ def model_card(done: Finished, learn: Any, args: argparse.Namespace, counts: Cou
         rule = (f"per predicted class: the split-conformal {1 - args.detector_keep:.0%} quantile of the scores of the "
                 f"photos predicted as that class ({done.detector.thresholds_from}; the overall one for a class with "
                 "fewer than 40); photos of no class never set it")
+        if done.detector.outlier is not None:
+            rule += ("; and a second test, outlier exposure, fitted against the --unfamiliar photos, its thresholds "
+                     "set the same way on its own scores; their flagged rates are out of fold")
         detector = {**done.detector.describe(), "threshold_rule": rule,
                     "unfamiliar_photos": done.unfamiliar}
     card = {
@@ -222,7 +243,7 @@ def complete(learn: Any, train_files: list[Path], valid_files: list[Path], secon
     """Everything after the training loop: calibration, export, detector, plots, model card and
     bundle. Returns the card, and why no bundle was made (None when one was)."""
     done = finish(learn, train_files, valid_files, args.out, args.detector_k, args.detector_keep, args.unfamiliar,
-                  train_outputs=train_outputs, out_of_fold=out_of_fold)
+                  train_outputs=train_outputs, out_of_fold=out_of_fold, outlier_exposure=args.outlier_exposure)
     save_plots(done, args.out)
     sources = read_sources(args.data)
     trained_on = sources_of(train_files, sources)

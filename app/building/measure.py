@@ -155,7 +155,11 @@ def unfamiliar_files(folder: Path) -> list[Path]:
 def unfamiliar_rates(predictor: Predictor, detector: Detector | None, folder: Path) -> dict[str, Any] | None:
     """How many photos of no class the detector flags, overall and per sub-folder of `folder`
     (photos directly in it count as "."); None without a detector."""
-    outputs = predict_files(predictor, detector, unfamiliar_files(folder))
+    return folder_rates(predict_files(predictor, detector, unfamiliar_files(folder)), folder)
+
+
+def folder_rates(outputs: Outputs, folder: Path) -> dict[str, Any] | None:
+    """`outputs`' flagged rate, overall and per sub-folder of `folder`; None without flags."""
     if outputs.unfamiliar is None:
         return None
 

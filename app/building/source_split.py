@@ -13,12 +13,14 @@ anything that is reported on them.
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from app.building.linear_head import stratified_folds
+from app.building.outlier_exposure import fit_outlier_test
 from app.core.detector import DEFAULT_K, DEFAULT_KEEP, Detector
 
 SOURCES_FILE = "SOURCES.csv"
@@ -59,8 +61,10 @@ def _fit_detector(features: np.ndarray, labels: np.ndarray, predicted: np.ndarra
 
 def source_split_figures(features: np.ndarray, labels: np.ndarray, files: list[Path], groups: list[str],
                          vocab: list[str], c: float, k: int = DEFAULT_K, keep: float = DEFAULT_KEEP,
-                         seed: int = 42) -> dict[str, Any]:
-    """Accuracy and flagged rates of the linear-head recipe on sources left out, by fold."""
+                         seed: int = 42, negatives: np.ndarray | None = None) -> dict[str, Any]:
+    """Accuracy and flagged rates of the linear-head recipe on sources left out, by fold. With
+    `negatives` (the features of the photos of no class an outlier test learns from), each fold's
+    detector gets its outlier test too, fitted on the other sources and those photos."""
     from sklearn.model_selection import GroupKFold
 
     names = np.array(groups)
@@ -73,6 +77,10 @@ def source_split_figures(features: np.ndarray, labels: np.ndarray, files: list[P
         # The detector's own thresholds come from the training sources' out-of-fold answers.
         train_predicted = np.asarray(head.predict(features[train]))
         detector = _fit_detector(features[train], labels[train], train_predicted, len(vocab), k, keep, seed)
+        if negatives is not None:
+            fitted = fit_outlier_test(features[train], labels[train], train_predicted, features[:0], labels[:0],
+                                      negatives, np.asarray(head.predict(negatives)), len(vocab), keep, seed)
+            detector = replace(detector, outlier=fitted.test)
         predicted[held] = head.predict(features[held])
         flagged[held] = detector.unfamiliar(features[held], predicted[held])
     per_class = {}
@@ -82,9 +90,10 @@ def source_split_figures(features: np.ndarray, labels: np.ndarray, files: list[P
                           "accuracy": round(float((predicted[mine] == i).mean()), 4) if mine.any() else None,
                           "flagged": round(float(flagged[mine].mean()), 4) if mine.any() else None}
     wrong = np.nonzero(predicted != labels)[0]
+    outlier = " (its outlier test with it)" if negatives is not None else ""
     return {
         "method": f"{splitter.n_splits} folds of whole sources (SOURCES.csv `repo`): the linear head refitted at "
-                  f"C={c} and the detector refitted on the other sources, measured on the sources left out",
+                  f"C={c} and the detector{outlier} refitted on the other sources, measured on the sources left out",
         "photos": len(labels), "sources": n_sources,
         "accuracy": round(float((predicted == labels).mean()), 4),
         "flagged": round(float(flagged.mean()), 4),

@@ -127,6 +127,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="share of validation photos the detector's threshold keeps familiar")
     p.add_argument("--unfamiliar", type=Path, metavar="OTHER",
                    help="photos of no class: their flagged rates go in the model card (never tune on them)")
+    p.add_argument("--outlier-exposure", action="store_true",
+                   help="also learn from the --unfamiliar photos: a second test of the detector flags photos like "
+                        "them (their flagged rates are then measured out of fold)")
     p.add_argument("--int8", action="store_true",
                    help="also write OUT/bundle-int8, the INT8 bundle (faster on most CPUs; README, INT8 bundles)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (also off when output is not a terminal)")
@@ -183,8 +186,13 @@ def print_summary(card: dict[str, Any], rejected: list[tuple[Path, str]], report
         rows.append(("unfamiliar-image detector", f"k={det['k']}, threshold {det['threshold']:.4f}, flags "
                                                   f"{det['valid_false_flag_rate']:.1%} of the {det['valid_images']} "
                                                   f"photos that set it ({det['thresholds_from']})"))
+        if det["outlier_exposure"]:
+            rows.append(("  and outlier exposure", f"learnt from {det['outlier_exposure']['negatives']} photos of "
+                                                   "no class"))
         if det["unfamiliar_photos"]:
-            rows.append(("  photos of no class flagged", f"{det['unfamiliar_photos']['overall']['rate']:.1%}"))
+            measured = " (out of fold)" if det["outlier_exposure"] else ""
+            rows.append(("  photos of no class flagged",
+                         f"{det['unfamiliar_photos']['overall']['rate']:.1%}{measured}"))
     rows += [
         ("training time", f"{card['training_seconds']:.0f} s"),
         ("export", f"{card['export_bytes'] / 1e6:.1f} MB, sha256 {card['export_sha256'][:12]}"),
@@ -221,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.head == "linear" and not args.pretrained:
             raise UsageError("--head linear needs pretrained weights: a linear model on random features learns "
                              "nothing; use --head trained with --no-pretrained")
+        if args.outlier_exposure and args.unfamiliar is None:
+            raise UsageError("--outlier-exposure learns from photos of no class: give them with --unfamiliar OTHER")
         files, counts, rejected, report = prepare_data(args)
         args.out.mkdir(parents=True, exist_ok=True)
         from fastai.torch_core import set_seed

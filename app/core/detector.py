@@ -10,6 +10,13 @@ has them, the training photos' out-of-fold scores), so that a chosen share of th
 default) are still called familiar: a class whose photos are more varied (teddy bears
 in every setting) gets a lower threshold instead of taking most of the false flags.
 
+With `app.train --unfamiliar OTHER --outlier-exposure`, the detector has a second test, learnt
+from photos of no class (outlier exposure): a linear score of the same features, fitted to tell the
+training photos from those, and a photo is also unfamiliar when it falls below the threshold of its
+predicted class on that score. On a student's small set the k-NN test alone lets most look-alikes
+through; photos of other things teach it which way "none of these" lies (README, "A student's small
+dataset").
+
 `python -m app.train` fits one for every model it makes and saves it next to the export
 (`<export stem>.detector.npz`), bound to the export's sha256: a detector is never paired with
 another export. The serving path needs only NumPy here, so the fast restart path keeps working.
@@ -30,7 +37,7 @@ from app.core.model_file import ModelFile, ModelLoadError
 
 METHOD = "knn-cosine"
 FEATURE = "pooled"  # the input of fastai's head: the concatenated average- and max-pooled body output
-FORMAT = 3  # 1: one threshold for every class; 2: no `thresholds_from` (both still read)
+FORMAT = 4  # 1: one threshold for every class; 2: no `thresholds_from`; 3: no outlier test (all still read)
 # Compare with the k-th nearest training photo, and keep this share of validation photos familiar:
 # how they were chosen is in the README ("Unfamiliar photos") and the model card.
 DEFAULT_K = 5
@@ -92,6 +99,32 @@ def class_thresholds(scores: np.ndarray, predicted: np.ndarray, n_classes: int, 
 
 
 @dataclass(frozen=True)
+class OutlierTest:
+    """The detector's second test (outlier exposure): `features @ weight + bias` is higher for photos
+    like the training photos than for the photos of no class it was fitted against; below its
+    predicted class's threshold, a photo is unfamiliar. The weights have the standardisation of the
+    features folded in, so the serving path is one dot product."""
+
+    weight: np.ndarray = field(repr=False)  # (d,) float32
+    bias: float
+    class_thresholds: tuple[float, ...]
+    negatives: int  # photos of no class it was fitted against
+    c: float  # the logistic regression's inverse regularisation strength
+    method: str = "outlier exposure: logistic regression of the training photos against photos of no class"
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        """Higher is more like the training photos."""
+        return np.asarray(features, np.float32) @ self.weight + np.float32(self.bias)
+
+    def unfamiliar(self, features: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+        return self.scores(features) < np.asarray(self.class_thresholds, np.float32)[np.asarray(predicted)]
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.method, "negatives": self.negatives, "C": self.c,
+                "class_thresholds": [round(t, 6) for t in self.class_thresholds]}
+
+
+@dataclass(frozen=True)
 class Detector:
     export_sha256: str
     reference: np.ndarray = field(repr=False)  # L2-normalised features of the training images
@@ -106,6 +139,7 @@ class Detector:
     class_thresholds: tuple[float, ...] = ()
     class_false_flag_rates: tuple[float, ...] = ()
     thresholds_from: str = "validation split"
+    outlier: OutlierTest | None = None  # the second test, when photos of no class trained one
 
     @classmethod
     def fit(cls, export_sha256: str, train_features: np.ndarray, valid_features: np.ndarray,
@@ -135,12 +169,14 @@ class Detector:
         return knn_similarity(self.reference, l2_normalised(features), self.k)
 
     def unfamiliar(self, features: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-        """Whether each photo is unlike the training photos, given the class predicted for it."""
+        """Whether each photo is unlike the training photos, given the class predicted for it: by
+        the k-NN test, or by the outlier test where there is one."""
         if self.class_thresholds:
             limits = np.asarray(self.class_thresholds, np.float32)[np.asarray(predicted)]
         else:
             limits = np.float32(self.threshold)
-        return self.scores(features) < limits
+        flags = self.scores(features) < limits
+        return flags if self.outlier is None else flags | self.outlier.unfamiliar(features, predicted)
 
     def describe(self) -> dict[str, Any]:
         """What `/model` and the model card say about the detector."""
@@ -153,14 +189,19 @@ class Detector:
         if self.class_thresholds:
             info["class_thresholds"] = [round(t, 6) for t in self.class_thresholds]
             info["class_valid_false_flag_rates"] = [round(r, 4) for r in self.class_false_flag_rates]
+        info["outlier_exposure"] = self.outlier.describe() if self.outlier is not None else None
         return info
 
     def save(self, path: Path) -> None:
-        meta = {key: value for key, value in asdict(self).items() if key != "reference"}
+        meta = {key: getattr(self, key) for key in self.__dataclass_fields__ if key not in ("reference", "outlier")}
         meta["format"] = FORMAT
+        arrays = {}
+        if self.outlier is not None:
+            meta["outlier"] = {key: value for key, value in asdict(self.outlier).items() if key != "weight"}
+            arrays["outlier_weight"] = self.outlier.weight.astype(np.float32)  # small: kept exact
         buffer = io.BytesIO()
         # float16 halves the file; cosine similarities move by ~1e-4, far below the threshold's margin.
-        np.savez(buffer, reference=self.reference.astype(np.float16), meta=np.array(json.dumps(meta)))
+        np.savez(buffer, reference=self.reference.astype(np.float16), meta=np.array(json.dumps(meta)), **arrays)
         write_atomically(path, buffer.getvalue())
 
     @classmethod
@@ -170,11 +211,15 @@ class Detector:
             with np.load(path, allow_pickle=False) as archive:
                 meta = json.loads(str(archive["meta"]))
                 reference = archive["reference"].astype(np.float32)
-            if meta.pop("format") not in (1, 2, FORMAT) or meta.get("method") != METHOD:
+                outlier = meta.pop("outlier", None)
+                if outlier is not None:
+                    outlier = OutlierTest(weight=archive["outlier_weight"].astype(np.float32),
+                                          **{**outlier, "class_thresholds": tuple(outlier["class_thresholds"])})
+            if meta.pop("format") not in (1, 2, 3, FORMAT) or meta.get("method") != METHOD:
                 raise DetectorError(f"{path.name} is of another format or method")
             for name in ("class_thresholds", "class_false_flag_rates"):
                 meta[name] = tuple(meta.get(name, ()))
-            detector = cls(reference=reference, **meta)
+            detector = cls(reference=reference, outlier=outlier, **meta)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DetectorError(f"{path.name} is not a readable detector ({exc})") from None
         if detector.export_sha256 != export_sha256:
