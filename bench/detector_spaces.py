@@ -273,7 +273,12 @@ def main() -> int:
         weight = imagenet_classifier(architecture)[0]
         crops = tuple(crop_features(args.model / "export.pkl", bundle, weight, run[name].files)
                       for name in ("bears", "ctx", "not_bears"))
-    print("\n".join([f"# Detector feature spaces ({args.model})", "", "The default model:", "",
+    known = np.array([r["class"] in vocab for r in ctx_rows])
+    targets = np.array([vocab.index(r["class"]) for r in ctx_rows if r["class"] in vocab])
+    right = run["ctx"].probs.argmax(1)[known] == targets
+    print("\n".join([f"# Detector feature spaces ({args.model})", "",
+                     f"In-context accuracy: {right.mean():.2%} ({int((~right).sum())} wrong of {len(right)})", "",
+                     "The bear model:", "",
                      *default_model_table(architecture, vocab, run["bears"], bear_groups, run["ctx"], ctx_rows,
                                           run["not_bears"], not_bear_groups, crops),
                      "", "A student's small cats/dogs set:", "",
