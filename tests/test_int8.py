@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from support import BEARS, HEAVY, NO_BEARS, ROOT, AppProcess, make_dataset, unimportable_env
+from support import BEARS, HEAVY, NO_BEARS, ROOT, AppProcess, make_dataset, synthetic_image, unimportable_env
 
 from app.building.int8 import MAX_ACCURACY_DROP, MIN_AGREEMENT, contract_breaches
 
@@ -27,12 +27,16 @@ def int8_trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
 
     root = tmp_path_factory.mktemp("int8")
     data = make_dataset(root / "data", per_class=12)
+    other = root / "other" / "greys"  # photos of no class, for the detector's outlier test
+    other.mkdir(parents=True)
+    for i in range(12):
+        synthetic_image((128, 128, 128), seed=50 + i).save(other / f"{i}.jpg")
     out = root / "model"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
         status = main([str(data), "--arch", "tiny_cnn", "--no-pretrained", "--epochs", "10", "--freeze-epochs", "0",
                        "--lr", "1e-2", "--size", "32", "--bs", "8", "--workers", "0", "--quiet", "--int8",
-                       "--out", str(out)])
+                       "--unfamiliar", str(other.parent), "--outlier-exposure", "--out", str(out)])
     assert status == 0, printed.getvalue()
     return data, out, printed.getvalue()
 
@@ -75,8 +79,11 @@ def test_train_int8_writes_a_bundle_with_its_contract(int8_trained):
     assert (out / "bundle-int8" / "model.onnx").stat().st_size < (out / "bundle" / "model.onnx").stat().st_size
     # Its detector is its own: fitted on the INT8 model's features of the same training photos.
     assert made["files"]["detector.npz"] != fp32["files"]["detector.npz"]
-    with np.load(out / "bundle-int8" / "detector.npz") as archive:
+    with np.load(out / "bundle-int8" / "detector.npz") as archive, np.load(out / "bundle" / "detector.npz") as fp32:
         assert archive["reference"].shape[0] == card["train_images"]
+        # The outlier test has no photos of no class to be refitted on here: it is kept as it is.
+        assert np.array_equal(archive["outlier_weight"], fp32["outlier_weight"])
+        assert json.loads(str(archive["meta"]))["outlier"] == json.loads(str(fp32["meta"]))["outlier"]
     assert f"INT8 bundle written to {out / 'bundle-int8'}" in printed
 
 
