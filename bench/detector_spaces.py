@@ -54,7 +54,7 @@ import numpy as np
 from app.building.datasets import class_files, image_files
 from app.building.linear_head import stratified_folds
 from app.building.measure import Outputs, predict_files
-from app.building.outlier_exposure import fit_outlier_test
+from app.building.outlier_exposure import fit_outlier_test, linear_score
 from app.building.source_split import read_sources, sources_of
 from app.core.bundle import load_bundle
 from app.core.detector import DEFAULT_K, DEFAULT_KEEP, Detector, knn_similarity, l2_normalised, threshold_keeping
@@ -124,20 +124,15 @@ def best_possible(teddy_scores: np.ndarray, stranger_scores: np.ndarray) -> str:
 
 def outlier_exposure(bears: Outputs, bear_groups: list[str], ctx: Outputs, ctx_labels: np.ndarray,
                      ctx_groups: list[str], not_bears: Outputs, not_bear_groups: list[str]) -> np.ndarray:
-    """Each photo's out-of-fold score (bears, then in-context, then not-bears) from a logistic
-    regression of photos of the classes against photos of no bear, 5 folds of whole sources."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
+    """Each photo's out-of-fold score (bears, then in-context, then not-bears) from `app.train`'s
+    outlier test fitted on photos of the classes against photos of no bear, 5 folds of whole sources."""
     features = np.concatenate([bears.features, ctx.features, not_bears.features])
     familiar = np.r_[np.ones(len(bears.files), bool), ctx_labels >= 0, np.zeros(len(not_bears.files), bool)]
     fold = source_folds([*bear_groups, *ctx_groups, *not_bear_groups], familiar.astype(int))
     scores = np.zeros(len(features))
     for i in np.unique(fold):
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=3000, class_weight="balanced"))
-        model.fit(features[fold != i], familiar[fold != i])
-        scores[fold == i] = model.decision_function(features[fold == i])
+        weight, bias = linear_score(features[(fold != i) & familiar], features[(fold != i) & ~familiar], seed=42)
+        scores[fold == i] = features[fold == i] @ weight + bias
     return scores
 
 
