@@ -126,7 +126,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--detector-keep", type=float, default=DEFAULT_KEEP,
                    help="share of validation photos the detector's threshold keeps familiar")
     p.add_argument("--unfamiliar", type=Path, metavar="OTHER",
-                   help="photos of no class: their flagged rates go in the model card (never tune on them)")
+                   help="photos of no class: their flagged rates go in the model card (they set no threshold)")
     p.add_argument("--outlier-exposure", action="store_true",
                    help="also learn from the --unfamiliar photos: a second test of the detector flags photos like "
                         "them (their flagged rates are then measured out of fold)")
