@@ -11,7 +11,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from support import make_dataset, synthetic_image
+import requests
+from support import AppProcess, make_dataset, synthetic_image
 
 from app.building.outlier_exposure import fit_outlier_test
 from app.core.detector import Detector
@@ -140,6 +141,33 @@ def test_app_train_learns_from_the_photos_of_no_class_and_says_so(trained):
     assert bundle.detector.describe()["outlier_exposure"] == detector["outlier_exposure"]
     exported = Detector.load(root / "model" / "export.detector.npz", card["export_sha256"])
     assert np.array_equal(exported.outlier.weight, bundle.detector.outlier.weight)
+
+
+def test_the_server_answers_with_both_tests(trained, tmp_path):
+    """A real server on the bundle: `/model` describes the outlier test, and each upload's
+    `unfamiliar` is what the detector with both tests says of that photo."""
+    from app.core.bundle import load_bundle
+    from app.core.prediction import prepare_image
+
+    root, card, _ = trained
+    app = AppProcess({"MODEL_PATH": str(root / "model" / "bundle")}, tmp_path / "server.log").wait_ready()
+    bundle = load_bundle(root / "model" / "bundle", 1)
+    try:
+        info = requests.get(app.url + "/model").json()
+        assert info["detector"]["outlier_exposure"] == card["detector"]["outlier_exposure"]
+        photos = [*sorted((root / "data").glob("*/*.jpg"))[::4], *sorted((root / "other").glob("*/*.jpg"))[::3]]
+        answers = {}
+        for path in photos:
+            body = requests.post(app.url + "/upload", files={"file": (path.name, path.read_bytes())}).json()
+            probs, features = bundle.predictor.infer(prepare_image(path.read_bytes(), bundle.predictor)[None])
+            expected = bundle.detector.unfamiliar(features, probs.argmax(axis=1))[0]
+            assert body["unfamiliar"] == bool(expected), path
+            answers[path] = body["unfamiliar"]
+        # The photos it learnt as "no class" are flagged; most photos of the classes are not.
+        assert all(flag for path, flag in answers.items() if "other" in path.parts)
+        assert sum(not flag for path, flag in answers.items() if "data" in path.parts) >= 7
+    finally:
+        app.stop()
 
 
 def test_outlier_exposure_without_photos_of_no_class_is_refused(tmp_path, capsys):
