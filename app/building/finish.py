@@ -96,14 +96,14 @@ def finish(learn: Any, train_files: list[Path], valid_files: list[Path], out: Pa
         fold_temperature(learn.model, calibration.temperature)
         valid.probs = softmax(log_probs / calibration.temperature, axis=1).astype(np.float32)
     export_path = export(learn, out)
-    detector = None
-    negatives = predict_files(predictor, None, unfamiliar_files(unfamiliar)) if unfamiliar is not None else None
+    detector = negatives = None
     if has_features and valid.features is not None:
         train = train_outputs or predict_files(predictor, None, train_files)
         folds = (out_of_fold.fold, out_of_fold.logits.argmax(axis=1)) if out_of_fold is not None else (None, None)
         detector = Detector.fit(sha256_file(export_path), train.features, valid.features, valid.probs.argmax(axis=1),
                                 len(vocab), k, keep, *folds)
-        if negatives is not None and negatives.features is not None:
+        if unfamiliar is not None:
+            negatives = predict_files(predictor, None, unfamiliar_files(unfamiliar))
             # The k-NN test never sees the photos of no class, so its flags on them are honest as they are.
             negatives.unfamiliar = detector.unfamiliar(negatives.features, negatives.probs.argmax(axis=1))
             if outlier_exposure:
@@ -117,9 +117,9 @@ def finish(learn: Any, train_files: list[Path], valid_files: list[Path], out: Pa
     else:
         detector_path(export_path).unlink(missing_ok=True)
     finished = Finished(vocab, valid, targets, calibration, detector, export_path)
-    if unfamiliar is not None and negatives is not None and detector is not None:
+    if negatives is not None and unfamiliar is not None:  # photos of no class, measured by a detector
         finished.unfamiliar = folder_rates(negatives, unfamiliar)
-        if detector.outlier is not None:
+        if detector is not None and detector.outlier is not None:
             finished.negatives = negatives.features
     return finished
 
