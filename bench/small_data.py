@@ -54,8 +54,9 @@ def new_photos_figures(bundle: Path, held_out: dict[str, list[Path]], bears: lis
 
 
 def train_and_measure(pools: dict[str, list[Path]], bears: list[Path], size: int, seed: int,
-                      options: list[str]) -> str:
-    """`app.train` with `options` on `size` photos a class drawn with `seed`; the rest of a table row."""
+                      options: list[str]) -> tuple[str, list[str]]:
+    """`app.train` with `options` on `size` photos a class drawn with `seed`: the rest of a table
+    row, and the warnings the training printed."""
     with tempfile.TemporaryDirectory() as tmp:
         data, held_out = Path(tmp) / "data", {}
         for cls, pool in pools.items():
@@ -72,7 +73,8 @@ def train_and_measure(pools: dict[str, list[Path]], bears: list[Path], size: int
         warnings = [line.strip() for line in done.stdout.splitlines() if line.strip().startswith("warning")]
         f = new_photos_figures(Path(tmp) / "out" / "bundle", held_out, bears)
         return (f"{f['accuracy']:.1%} ({f['photos']}) | {f['ece']:.3f} | {f['median_top']:.2f} | "
-                f"{f['cats_flagged']:.1%} | {f['dogs_flagged']:.1%} | {f['bears_flagged']:.1%} | {len(warnings)} |")
+                f"{f['cats_flagged']:.1%} | {f['dogs_flagged']:.1%} | {f['bears_flagged']:.1%} | {len(warnings)} |",
+                warnings)
 
 
 def main() -> int:
@@ -93,8 +95,9 @@ def main() -> int:
         for size in args.sizes:
             for seed in range(args.seeds):
                 for name, options in variants.items():
-                    rows.append(f"| {size} | {seed} | {name} | {train_and_measure(pools, bears, size, seed, options)}")
-                    print(rows[-1], file=sys.stderr, flush=True)
+                    row, warnings = train_and_measure(pools, bears, size, seed, options)
+                    rows.append(f"| {size} | {seed} | {name} | {row}")
+                    print(rows[-1], *warnings, sep="\n  ", file=sys.stderr, flush=True)
     print("\n".join(rows))
     return 0
 
