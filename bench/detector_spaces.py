@@ -57,7 +57,7 @@ from app.building.measure import Outputs, predict_files
 from app.building.outlier_exposure import fit_outlier_test, linear_score
 from app.building.source_split import read_sources, sources_of
 from app.core.bundle import load_bundle
-from app.core.detector import DEFAULT_K, DEFAULT_KEEP, Detector, knn_similarity, l2_normalised, threshold_keeping
+from app.core.detector import DEFAULT_K, Detector, knn_similarity, l2_normalised, threshold_keeping
 from bench.object_crops import crop_features
 from bench.servers import ROOT
 from bench.sources import SHARED, in_context_table, rate
@@ -192,7 +192,7 @@ def default_model_table(architecture: str, vocab: list[str], bears: Outputs, bea
     knn = Detector.fit("", bears.features, bears.features[:0], predicted[0][:0], len(vocab), train_folds=fold,
                        train_predicted=predicted[0])
     fitted = fit_outlier_test(bears.features, labels, predicted[0], bears.features[:0], predicted[0][:0],
-                              not_bears.features, predicted[2], len(vocab), DEFAULT_KEEP)
+                              not_bears.features, predicted[2], len(vocab))
     row("pooled k-NN + `app.train --outlier-exposure` against not-bears (not-bears out of fold; no single score)",
         replace(knn, outlier=fitted.test).unfamiliar(ctx.features, predicted[1]),
         knn.unfamiliar(not_bears.features, predicted[2]) | fitted.negative_flags, None)

@@ -14,6 +14,7 @@ import pytest
 import requests
 from support import AppProcess, make_dataset, synthetic_image
 
+from app.building.outlier_exposure import KEEP as OUTLIER_KEEP
 from app.building.outlier_exposure import fit_outlier_test
 from app.core.detector import Detector
 
@@ -132,6 +133,7 @@ def test_app_train_learns_from_the_photos_of_no_class_and_says_so(trained):
     assert detector["outlier_exposure"]["negatives"] == 20
     assert len(detector["outlier_exposure"]["class_thresholds"]) == 3
     assert "outlier exposure" in detector["threshold_rule"] and "out of fold" in detector["threshold_rule"]
+    assert f"at {1 - OUTLIER_KEEP:.0%}" in detector["threshold_rule"]  # its own share, not the k-NN test's
     assert detector["unfamiliar_photos"]["overall"]["images"] == 20
     assert set(detector["unfamiliar_photos"]["per_folder"]) == {"greys", "yellows"}
     assert "and outlier exposure" in printed and "(out of fold)" in printed
@@ -178,3 +180,15 @@ def test_outlier_exposure_without_photos_of_no_class_is_refused(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert err == "error: --outlier-exposure learns from photos of no class: give them with --unfamiliar OTHER"
     assert not (tmp_path / "out" / "export.pkl").exists()
+
+
+@pytest.mark.parametrize("option", ["--outlier-keep", "--detector-keep"])
+@pytest.mark.parametrize("share", ["1.5", "0", "1"])
+def test_a_share_kept_familiar_outside_0_to_1_is_refused(tmp_path, capsys, option, share):
+    from app.train import main
+
+    data = make_dataset(tmp_path / "data", per_class=6)
+    assert main([str(data), "--out", str(tmp_path / "out"), option, share]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {option} is the share of photos kept familiar, between 0 and 1; got {float(share)}"
+    assert not (tmp_path / "out").exists()

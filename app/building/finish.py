@@ -66,15 +66,15 @@ class Finished:
 def finish(learn: Any, train_files: list[Path], valid_files: list[Path], out: Path, k: int, keep: float,
            unfamiliar: Path | None = None, threads: int | None = None,
            train_outputs: Outputs | None = None, out_of_fold: OutOfFold | None = None,
-           outlier_exposure: bool = False) -> Finished:
+           outlier_keep: float | None = None) -> Finished:
     """Calibrate, export and fit the unfamiliar-image detector, all through the server's own
     decoding and preprocessing (the torch fallback of `app.learner.compile`), so that the validation
     figures and the detector's reference features are what the server will see. `train_outputs`:
     the training photos' pooled features, when fitting the head has already computed them; with
     `out_of_fold` (the linear head's), the temperature and the detector's thresholds rest on the
     training photos' out-of-fold answers as well as on the validation photos. With
-    `outlier_exposure`, the photos in `unfamiliar` train the detector's second test, and their
-    flagged rates are measured out of fold."""
+    `outlier_keep`, the photos in `unfamiliar` train the detector's second test (its thresholds
+    keeping that share familiar), and their flagged rates are measured out of fold."""
     from scipy.special import softmax
 
     vocab = [str(v) for v in learn.dls.vocab]
@@ -106,11 +106,11 @@ def finish(learn: Any, train_files: list[Path], valid_files: list[Path], out: Pa
             negatives = predict_files(predictor, None, unfamiliar_files(unfamiliar))
             # The k-NN test never sees the photos of no class, so its flags on them are honest as they are.
             negatives.unfamiliar = detector.unfamiliar(negatives.features, negatives.probs.argmax(axis=1))
-            if outlier_exposure:
+            if outlier_keep is not None:
                 labels = np.array([vocab.index(p.parent.name) for p in train.files])
                 fitted = fit_outlier_test(train.features, labels, labels if folds[1] is None else folds[1],
                                           valid.features, valid.probs.argmax(axis=1), negatives.features,
-                                          negatives.probs.argmax(axis=1), len(vocab), keep)
+                                          negatives.probs.argmax(axis=1), len(vocab), outlier_keep)
                 detector = replace(detector, outlier=fitted.test)
                 negatives.unfamiliar |= fitted.negative_flags
         detector.save(detector_path(export_path))
@@ -177,7 +177,7 @@ def by_source(done: Finished, train_outputs: Outputs | None, args: argparse.Name
     features = np.concatenate([train_outputs.features, done.valid.features])
     labels = np.array([done.vocab.index(p.parent.name) for p in files])
     return source_split_figures(features, labels, files, groups, done.vocab, args.head_fit["C"], args.detector_k,
-                                args.detector_keep, args.seed, done.negatives)
+                                args.detector_keep, args.seed, done.negatives, args.outlier_keep)
 
 
 def model_card(done: Finished, learn: Any, args: argparse.Namespace, counts: Counter, train_images: int,
@@ -199,7 +199,8 @@ def model_card(done: Finished, learn: Any, args: argparse.Namespace, counts: Cou
                 "fewer than 40); photos of no class never set it")
         if done.detector.outlier is not None:
             rule += ("; and a second test, outlier exposure, fitted against the --unfamiliar photos, its thresholds "
-                     "set the same way on its own scores; their flagged rates are out of fold")
+                     f"set the same way on its own scores at {1 - args.outlier_keep:.0%}; their flagged rates are out "
+                     "of fold")
         detector = {**done.detector.describe(), "threshold_rule": rule,
                     "unfamiliar_photos": done.unfamiliar}
     card = {
@@ -243,7 +244,8 @@ def complete(learn: Any, train_files: list[Path], valid_files: list[Path], secon
     """Everything after the training loop: calibration, export, detector, plots, model card and
     bundle. Returns the card, and why no bundle was made (None when one was)."""
     done = finish(learn, train_files, valid_files, args.out, args.detector_k, args.detector_keep, args.unfamiliar,
-                  train_outputs=train_outputs, out_of_fold=out_of_fold, outlier_exposure=args.outlier_exposure)
+                  train_outputs=train_outputs, out_of_fold=out_of_fold,
+                  outlier_keep=args.outlier_keep if args.outlier_exposure else None)
     save_plots(done, args.out)
     sources = read_sources(args.data)
     trained_on = sources_of(train_files, sources)

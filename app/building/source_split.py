@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from app.building.linear_head import stratified_folds
+from app.building.outlier_exposure import KEEP as OUTLIER_KEEP
 from app.building.outlier_exposure import fit_outlier_test
 from app.core.detector import DEFAULT_K, DEFAULT_KEEP, Detector
 
@@ -61,10 +62,12 @@ def _fit_detector(features: np.ndarray, labels: np.ndarray, predicted: np.ndarra
 
 def source_split_figures(features: np.ndarray, labels: np.ndarray, files: list[Path], groups: list[str],
                          vocab: list[str], c: float, k: int = DEFAULT_K, keep: float = DEFAULT_KEEP,
-                         seed: int = 42, negatives: np.ndarray | None = None) -> dict[str, Any]:
+                         seed: int = 42, negatives: np.ndarray | None = None,
+                         outlier_keep: float = OUTLIER_KEEP) -> dict[str, Any]:
     """Accuracy and flagged rates of the linear-head recipe on sources left out, by fold. With
     `negatives` (the features of the photos of no class an outlier test learns from), each fold's
-    detector gets its outlier test too, fitted on the other sources and those photos."""
+    detector gets its outlier test too (keeping `outlier_keep`), fitted on the other sources and
+    those photos."""
     from sklearn.model_selection import GroupKFold
 
     names = np.array(groups)
@@ -79,7 +82,8 @@ def source_split_figures(features: np.ndarray, labels: np.ndarray, files: list[P
         detector = _fit_detector(features[train], labels[train], train_predicted, len(vocab), k, keep, seed)
         if negatives is not None:
             fitted = fit_outlier_test(features[train], labels[train], train_predicted, features[:0], labels[:0],
-                                      negatives, np.asarray(head.predict(negatives)), len(vocab), keep, seed)
+                                      negatives, np.asarray(head.predict(negatives)), len(vocab), outlier_keep,
+                                      seed)
             detector = replace(detector, outlier=fitted.test)
         predicted[held] = head.predict(features[held])
         flagged[held] = detector.unfamiliar(features[held], predicted[held])

@@ -39,6 +39,7 @@ from app.building.finish import BUNDLE_NAME, CARD_NAME, EXPORT_NAME, INT8_BUNDLE
 from app.building.int8 import ContractNotMet, agreement_summary, quantize_bundle, split_description
 from app.building.linear_head import fit_linear_head
 from app.building.measure import unfamiliar_files
+from app.building.outlier_exposure import KEEP as OUTLIER_KEEP
 from app.building.recipe import (
     ARCHITECTURES,
     HEADS,
@@ -130,6 +131,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--outlier-exposure", action="store_true",
                    help="also learn from the --unfamiliar photos: a second test of the detector flags photos like "
                         "them (their flagged rates are then measured out of fold)")
+    p.add_argument("--outlier-keep", type=float, default=OUTLIER_KEEP,
+                   help="share of the training and validation photos the --outlier-exposure test keeps familiar")
     p.add_argument("--int8", action="store_true",
                    help="also write OUT/bundle-int8, the INT8 bundle (faster on most CPUs; README, INT8 bundles)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (also off when output is not a terminal)")
@@ -231,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                              "nothing; use --head trained with --no-pretrained")
         if args.outlier_exposure and args.unfamiliar is None:
             raise UsageError("--outlier-exposure learns from photos of no class: give them with --unfamiliar OTHER")
+        for option, share in (("--detector-keep", args.detector_keep), ("--outlier-keep", args.outlier_keep)):
+            if not 0 < share < 1:
+                raise UsageError(f"{option} is the share of photos kept familiar, between 0 and 1; got {share}")
         files, counts, rejected, report = prepare_data(args)
         args.out.mkdir(parents=True, exist_ok=True)
         from fastai.torch_core import set_seed
