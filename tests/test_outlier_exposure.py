@@ -133,7 +133,8 @@ def test_app_train_learns_from_the_photos_of_no_class_and_says_so(trained):
     assert detector["outlier_exposure"]["negatives"] == 20
     assert len(detector["outlier_exposure"]["class_thresholds"]) == 3
     assert "outlier exposure" in detector["threshold_rule"] and "out of fold" in detector["threshold_rule"]
-    assert f"at {1 - OUTLIER_KEEP:.0%}" in detector["threshold_rule"]  # its own share, not the k-NN test's
+    # Its own share, not the k-NN test's.
+    assert f"split-conformal {1 - OUTLIER_KEEP:.0%} quantile of its own scores" in detector["threshold_rule"]
     assert detector["unfamiliar_photos"]["overall"]["images"] == 20
     assert set(detector["unfamiliar_photos"]["per_folder"]) == {"greys", "yellows"}
     assert "and outlier exposure" in printed and "(out of fold)" in printed

@@ -199,8 +199,8 @@ def model_card(done: Finished, learn: Any, args: argparse.Namespace, counts: Cou
                 "fewer than 40); photos of no class never set it")
         if done.detector.outlier is not None:
             rule += ("; and a second test, outlier exposure, fitted against the --unfamiliar photos, its thresholds "
-                     f"set the same way on its own scores at {1 - args.outlier_keep:.0%}; their flagged rates are out "
-                     "of fold")
+                     f"the split-conformal {1 - args.outlier_keep:.0%} quantile of its own scores, set the same way; "
+                     "their flagged rates are out of fold")
         detector = {**done.detector.describe(), "threshold_rule": rule,
                     "unfamiliar_photos": done.unfamiliar}
     card = {

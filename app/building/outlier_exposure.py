@@ -9,10 +9,9 @@ these" lies (README, "A student's small dataset", measured with `python -m bench
 
 Each class's threshold keeps `keep` (`KEEP` = 96% unless `--outlier-keep` says otherwise) of the
 photos predicted as it familiar, split-conformal as the k-NN test's: from the validation photos'
-scores and the training photos' out-of-fold scores. The
-photos of no class are spread over the same folds, so each of them gets an out-of-fold score too:
-the flagged rate `app.train` reports for them is what the test does on photos like them that it
-never learnt from, not on the ones it did.
+scores and the training photos' out-of-fold scores. The photos of no class are spread over the
+same folds, so each of them gets an out-of-fold score too: the flagged rate `app.train` reports for
+them is what the test does on photos like them that it never learnt from, not on the ones it did.
 """
 
 from __future__ import annotations
