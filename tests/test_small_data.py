@@ -96,6 +96,10 @@ def test_each_figure_too_few_photos_back_gets_one_plain_warning(small_model):
     assert warnings[2].startswith("probabilities not calibrated (not fitted:")
     assert warnings[3].startswith(f"the unfamiliar-image detector's thresholds were set on "
                                   f"{card['detector']['valid_images']} photos")
+    # No photos of no class were given: the warning says how to keep look-alikes out; with them, it doesn't.
+    assert warnings[3].endswith("give some with --unfamiliar OTHER --outlier-exposure")
+    learnt = {**card, "detector": {**card["detector"], "outlier_exposure": {"negatives": 300}}}
+    assert "--outlier-exposure" not in warnings_for(learnt)[3]
     for warning in warnings:
         assert f"\nwarning: {warning}\n" in printed
 
