@@ -14,6 +14,7 @@ import pytest
 import requests
 from support import AppProcess, make_dataset, synthetic_image
 
+from app.building.linear_head import stratified_folds
 from app.building.outlier_exposure import KEEP as OUTLIER_KEEP
 from app.building.outlier_exposure import fit_outlier_test
 from app.core.detector import Detector
@@ -73,6 +74,22 @@ def test_photos_of_no_class_are_flagged_out_of_fold():
     in_sample = fitted.test.unfamiliar(negatives, np.zeros(60, int)).mean()
     out_of_fold = fitted.negative_flags.mean()
     assert out_of_fold <= 0.35 and in_sample >= out_of_fold + 0.3, (out_of_fold, in_sample)
+
+
+def test_the_outlier_test_holds_out_the_folds_it_is_given():
+    """app.train gives it the linear head's folds, so that a training photo's out-of-fold class and
+    its out-of-fold score come from the same fold; without them it draws the same stratified folds."""
+    rng = np.random.default_rng(2)
+    train, negatives, labels = two_classes(rng, 20), no_class(rng, 40), labels_of(20)
+    args = (train, labels, labels, train[:0], labels[:0], negatives, np.zeros(len(negatives), int), 2)
+    drawn = fit_outlier_test(*args, keep=0.9)
+    same = fit_outlier_test(*args, keep=0.9, folds=stratified_folds(labels, 5, 42))
+    assert same.test.class_thresholds == drawn.test.class_thresholds
+    assert np.array_equal(same.negative_flags, drawn.negative_flags)
+    # Two folds of half the photos each: every photo scored by a fit on the other half only.
+    halves = fit_outlier_test(*args, keep=0.9, folds=np.tile([0, 1], 20))
+    assert halves.test.class_thresholds != drawn.test.class_thresholds
+    assert np.array_equal(halves.test.weight, drawn.test.weight)  # the test itself is fitted on every photo
 
 
 def test_the_outlier_test_is_saved_exactly_and_older_files_still_load(tmp_path):

@@ -110,7 +110,7 @@ def finish(learn: Any, train_files: list[Path], valid_files: list[Path], out: Pa
                 labels = np.array([vocab.index(p.parent.name) for p in train.files])
                 fitted = fit_outlier_test(train.features, labels, labels if folds[1] is None else folds[1],
                                           valid.features, valid.probs.argmax(axis=1), negatives.features,
-                                          negatives.probs.argmax(axis=1), len(vocab), outlier_keep)
+                                          negatives.probs.argmax(axis=1), len(vocab), outlier_keep, folds=folds[0])
                 detector = replace(detector, outlier=fitted.test)
                 negatives.unfamiliar |= fitted.negative_flags
         detector.save(detector_path(export_path))

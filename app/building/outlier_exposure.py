@@ -60,10 +60,12 @@ def linear_score(familiar: np.ndarray, negatives: np.ndarray, seed: int) -> tupl
 
 def fit_outlier_test(train: np.ndarray, train_labels: np.ndarray, train_predicted: np.ndarray, valid: np.ndarray,
                      valid_predicted: np.ndarray, negatives: np.ndarray, negatives_predicted: np.ndarray,
-                     n_classes: int, keep: float = KEEP, seed: int = 42) -> Fitted:
+                     n_classes: int, keep: float = KEEP, seed: int = 42, folds: np.ndarray | None = None) -> Fitted:
     """The test on these features (`train_predicted`: each training photo's out-of-fold or true
-    class, for its class's threshold), and the out-of-fold flags of the photos of no class."""
-    folds = stratified_folds(train_labels, FOLDS, seed)
+    class, for its class's threshold), and the out-of-fold flags of the photos of no class. `folds`:
+    the fold each training photo is held out in, where `train_predicted` came from such folds (the
+    linear head's), so that both rest on the same ones; else stratified folds drawn with `seed`."""
+    folds = stratified_folds(train_labels, FOLDS, seed) if folds is None else folds
     n_folds = int(folds.max()) + 1
     negative_folds = np.random.default_rng(seed).permutation(len(negatives)) % n_folds
     train_scores = np.zeros(len(train), dtype=np.float32)
