@@ -96,7 +96,7 @@ def finish(learn: Any, train_files: list[Path], valid_files: list[Path], out: Pa
         fold_temperature(learn.model, calibration.temperature)
         valid.probs = softmax(log_probs / calibration.temperature, axis=1).astype(np.float32)
     export_path = export(learn, out)
-    detector = negatives = None
+    detector = rates = outlier_negatives = None
     if has_features and valid.features is not None:
         train = train_outputs or predict_files(predictor, None, train_files)
         folds = (out_of_fold.fold, out_of_fold.logits.argmax(axis=1)) if out_of_fold is not None else (None, None)
@@ -113,15 +113,12 @@ def finish(learn: Any, train_files: list[Path], valid_files: list[Path], out: Pa
                                           negatives.probs.argmax(axis=1), len(vocab), outlier_keep, folds=folds[0])
                 detector = replace(detector, outlier=fitted.test)
                 negatives.unfamiliar |= fitted.negative_flags
+                outlier_negatives = negatives.features
+            rates = folder_rates(negatives, unfamiliar)
         detector.save(detector_path(export_path))
     else:
         detector_path(export_path).unlink(missing_ok=True)
-    finished = Finished(vocab, valid, targets, calibration, detector, export_path)
-    if negatives is not None and unfamiliar is not None:  # photos of no class, measured by a detector
-        finished.unfamiliar = folder_rates(negatives, unfamiliar)
-        if detector is not None and detector.outlier is not None:
-            finished.negatives = negatives.features
-    return finished
+    return Finished(vocab, valid, targets, calibration, detector, export_path, rates, outlier_negatives)
 
 
 def export(learn: Any, out: Path) -> Path:
