@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,9 +29,9 @@ from app.building.outlier_exposure import fit_outlier_test
 from app.core.bundle import load_bundle
 from app.core.detector import Detector
 from bench.servers import ROOT
+from bench.small_data import CLASSES, drawn
 from bench.sources import SHARED
 
-CLASSES = ("cats", "dogs")
 VALID_PCT, SEED = 0.2, 42  # app.train's defaults
 # app.train picks its head's C by cross-validation (1.0 on one 25-photo set); it matters little here:
 # under 40 photos a class both classes share one threshold, and the head gets these sets ~100% right.
@@ -48,7 +47,7 @@ def one_run(photos: Outputs, size: int, draw: int, left_out: str, keeps: list[fl
 
     row = {p: i for i, p in enumerate(photos.files)}
     pools = {c: sorted(p for p in photos.files if p.parent.name == c) for c in CLASSES}
-    chosen = {c: sorted(random.Random(draw * 1000 + size).sample(pool, size)) for c, pool in pools.items()}
+    chosen = {c: sorted(drawn(pool, size, draw)) for c, pool in pools.items()}
     train_files, valid_files = split([p for c in CLASSES for p in chosen[c]], VALID_PCT, SEED)
 
     def features(files: list[Path]) -> np.ndarray:

@@ -53,6 +53,12 @@ def new_photos_figures(bundle: Path, held_out: dict[str, list[Path]], bears: lis
     return figures
 
 
+def drawn(pool: list[Path], size: int, seed: int) -> list[Path]:
+    """The `size` photos of `pool` a set of that size trains on at `seed` (`bench.outlier_keep`
+    draws its sets the same way)."""
+    return random.Random(seed * 1000 + size).sample(pool, size)
+
+
 def train_and_measure(pools: dict[str, list[Path]], bears: list[Path], size: int, seed: int,
                       options: list[str]) -> tuple[str, list[str]]:
     """`app.train` with `options` on `size` photos a class drawn with `seed`: the rest of a table
@@ -60,7 +66,7 @@ def train_and_measure(pools: dict[str, list[Path]], bears: list[Path], size: int
     with tempfile.TemporaryDirectory() as tmp:
         data, held_out = Path(tmp) / "data", {}
         for cls, pool in pools.items():
-            chosen = random.Random(seed * 1000 + size).sample(pool, size)
+            chosen = drawn(pool, size, seed)
             (data / cls).mkdir(parents=True)
             for path in chosen:
                 shutil.copy(path, data / cls / path.name)
