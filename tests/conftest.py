@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -48,6 +49,26 @@ def other_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
                  "--lr", "1e-2", "--size", "32", "--bs", "8", "--workers", "0", "--quiet", "--seed", "7",
                  "--out", str(out)]) == 0
     return out / "export.pkl"
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory: pytest.TempPathFactory):
+    """A student's small set at `app.train`'s defaults (the pretrained EfficientNet-Lite0 body, a
+    linear head): 12 synthetic photos a class from four sources. Its card, what training printed,
+    and its output folder."""
+    from app.train import main
+
+    root = tmp_path_factory.mktemp("small")
+    data = make_dataset(root / "data", per_class=12)
+    # Four sources, as SOURCES.csv names them for the shared photos: each photo's `repo`.
+    rows = [f"{p.relative_to(data)},{p.parent.name},owner/source-{i % 4}"
+            for i, p in enumerate(sorted(data.glob("*/*.jpg")))]
+    (data / "SOURCES.csv").write_text("file,class,repo\n" + "\n".join(rows) + "\n")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        status = main([str(data), "--out", str(root / "model"), "--quiet"])
+    assert status == 0, printed.getvalue()
+    return json.loads((root / "model" / "model-card.json").read_text()), printed.getvalue(), root / "model"
 
 
 @pytest.fixture(scope="session")

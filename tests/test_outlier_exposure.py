@@ -148,6 +148,7 @@ def test_app_train_learns_from_the_photos_of_no_class_and_says_so(trained):
     root, card, printed = trained
     detector = card["detector"]
     assert detector["outlier_exposure"]["negatives"] == 20
+    assert detector["imagenet_test"] is None  # photos of no class stand for other things: no ImageNet test
     assert len(detector["outlier_exposure"]["class_thresholds"]) == 3
     assert "outlier exposure" in detector["threshold_rule"] and "out of fold" in detector["threshold_rule"]
     # Its own share, not the k-NN test's.

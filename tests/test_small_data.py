@@ -15,23 +15,6 @@ from support import make_dataset
 from app.building.evidence import ENOUGH_PHOTOS, warnings_for, wilson_interval
 
 
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory: pytest.TempPathFactory):
-    from app.train import main
-
-    root = tmp_path_factory.mktemp("small")
-    data = make_dataset(root / "data", per_class=12)
-    # Four sources, as SOURCES.csv names them for the shared photos: each photo's `repo`.
-    rows = [f"{p.relative_to(data)},{p.parent.name},owner/source-{i % 4}"
-            for i, p in enumerate(sorted(data.glob("*/*.jpg")))]
-    (data / "SOURCES.csv").write_text("file,class,repo\n" + "\n".join(rows) + "\n")
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
-        status = main([str(data), "--out", str(root / "model"), "--quiet"])
-    assert status == 0, printed.getvalue()
-    return json.loads((root / "model" / "model-card.json").read_text()), printed.getvalue(), root / "model"
-
-
 def test_calibration_and_detector_thresholds_use_every_photo(small_model):
     card, *_ = small_model
     every = card["train_images"] + card["valid_images"]

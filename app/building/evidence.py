@@ -56,7 +56,8 @@ def warnings_for(card: dict[str, Any]) -> list[str]:
     if detector and detector["valid_images"] < ENOUGH_PHOTOS:
         rate = _share(detector["valid_false_flag_rate"], detector["valid_images"])
         # Measured (README, "A student's small dataset"): with no photos of no class to learn from, a
-        # small set's detector let 38-74% of look-alikes through; with them, 1-23%.
+        # small set's detector let 38-74% of look-alikes (bears) through, 6-45% with its ImageNet test
+        # (the default at that size); with them, 1-23%.
         look_alikes = ("" if detector.get("outlier_exposure") else
                        "; without photos of no class to learn from, it often takes look-alikes for familiar: give "
                        "some with --unfamiliar OTHER --outlier-exposure")

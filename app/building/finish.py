@@ -20,6 +20,7 @@ from PIL import Image
 from app.building.bundle import compile_bundle
 from app.building.calibration import Calibration, calibrate, fold_temperature
 from app.building.evidence import warnings_for
+from app.building.imagenet_test import fit_imagenet_test, imagenet_classifier
 from app.building.linear_head import OutOfFold
 from app.building.measure import Outputs, confusion_matrix, folder_rates, predict_files, unfamiliar_files
 from app.building.outlier_exposure import fit_outlier_test
@@ -66,7 +67,8 @@ class Finished:
 def finish(learn: Any, train_files: list[Path], valid_files: list[Path], out: Path, k: int, keep: float,
            unfamiliar: Path | None = None, threads: int | None = None,
            train_outputs: Outputs | None = None, out_of_fold: OutOfFold | None = None,
-           outlier_keep: float | None = None) -> Finished:
+           outlier_keep: float | None = None,
+           imagenet: tuple[np.ndarray, np.ndarray] | None = None) -> Finished:
     """Calibrate, export and fit the unfamiliar-image detector, all through the server's own
     decoding and preprocessing (the torch fallback of `app.learner.compile`), so that the validation
     figures and the detector's reference features are what the server will see. `train_outputs`:
@@ -74,7 +76,8 @@ def finish(learn: Any, train_files: list[Path], valid_files: list[Path], out: Pa
     `out_of_fold` (the linear head's), the temperature and the detector's thresholds rest on the
     training photos' out-of-fold answers as well as on the validation photos. With
     `outlier_keep`, the photos in `unfamiliar` train the detector's second test (its thresholds
-    keeping that share familiar), and their flagged rates are measured out of fold."""
+    keeping that share familiar), and their flagged rates are measured out of fold. With `imagenet`
+    (the backbone's ImageNet classifier), the detector gets its ImageNet test, keeping `keep`."""
     from scipy.special import softmax
 
     vocab = [str(v) for v in learn.dls.vocab]
@@ -102,9 +105,13 @@ def finish(learn: Any, train_files: list[Path], valid_files: list[Path], out: Pa
         folds = (out_of_fold.fold, out_of_fold.logits.argmax(axis=1)) if out_of_fold is not None else (None, None)
         detector = Detector.fit(sha256_file(export_path), train.features, valid.features, valid.probs.argmax(axis=1),
                                 len(vocab), k, keep, *folds)
+        if imagenet is not None:
+            detector = replace(detector, imagenet=fit_imagenet_test(imagenet, train.features, valid.features,
+                                                                    valid.probs.argmax(axis=1), len(vocab), keep,
+                                                                    *folds))
         if unfamiliar is not None:
             negatives = predict_files(predictor, None, unfamiliar_files(unfamiliar))
-            # The k-NN test never sees the photos of no class, so its flags on them are honest as they are.
+            # The k-NN and ImageNet tests never see the photos of no class: their flags on them are honest.
             negatives.unfamiliar = detector.unfamiliar(negatives.features, negatives.probs.argmax(axis=1))
             if outlier_keep is not None:
                 labels = np.array([vocab.index(p.parent.name) for p in train.files])
@@ -173,8 +180,10 @@ def by_source(done: Finished, train_outputs: Outputs | None, args: argparse.Name
         return None
     features = np.concatenate([train_outputs.features, done.valid.features])
     labels = np.array([done.vocab.index(p.parent.name) for p in files])
+    imagenet = done.detector.imagenet if done.detector is not None else None
     return source_split_figures(features, labels, files, groups, done.vocab, args.head_fit["C"], args.detector_k,
-                                args.detector_keep, args.seed, done.negatives, args.outlier_keep)
+                                args.detector_keep, args.seed, done.negatives, args.outlier_keep,
+                                (imagenet.weight, imagenet.bias) if imagenet is not None else None)
 
 
 def model_card(done: Finished, learn: Any, args: argparse.Namespace, counts: Counter, train_images: int,
@@ -198,6 +207,10 @@ def model_card(done: Finished, learn: Any, args: argparse.Namespace, counts: Cou
             rule += ("; and a second test, outlier exposure, fitted against the --unfamiliar photos, its thresholds "
                      f"the split-conformal {1 - args.outlier_keep:.0%} quantile of its own scores, set the same way; "
                      "their flagged rates are out of fold")
+        if done.detector.imagenet is not None:
+            rule += (f"; and the ImageNet test, its thresholds the split-conformal {1 - args.detector_keep:.0%} "
+                     "quantile of its own scores, set the same way (the training photos' against the other folds' "
+                     "support)")
         detector = {**done.detector.describe(), "threshold_rule": rule,
                     "unfamiliar_photos": done.unfamiliar}
     card = {
@@ -242,7 +255,8 @@ def complete(learn: Any, train_files: list[Path], valid_files: list[Path], secon
     bundle. Returns the card, and why no bundle was made (None when one was)."""
     done = finish(learn, train_files, valid_files, args.out, args.detector_k, args.detector_keep, args.unfamiliar,
                   train_outputs=train_outputs, out_of_fold=out_of_fold,
-                  outlier_keep=args.outlier_keep if args.outlier_exposure else None)
+                  outlier_keep=args.outlier_keep if args.outlier_exposure else None,
+                  imagenet=imagenet_classifier(args.arch) if args.imagenet_test else None)
     save_plots(done, args.out)
     sources = read_sources(args.data)
     trained_on = sources_of(train_files, sources)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from app.building.imagenet_test import fit_imagenet_test
 from app.building.linear_head import stratified_folds
 from app.building.outlier_exposure import KEEP as OUTLIER_KEEP
 from app.building.outlier_exposure import fit_outlier_test
@@ -53,21 +54,27 @@ def _fit_head(features: np.ndarray, labels: np.ndarray, c: float) -> Any:
     return make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, C=c)).fit(features, labels)
 
 
-def _fit_detector(features: np.ndarray, labels: np.ndarray, predicted: np.ndarray, n_classes: int, k: int,
-                  keep: float, seed: int) -> Detector:
-    """The detector on these photos alone, thresholds from their out-of-fold scores."""
-    folds = stratified_folds(labels, INNER_FOLDS, seed)
-    return Detector.fit("", features, features[:0], predicted[:0], n_classes, k, keep, folds, predicted)
+def _fit_detector(features: np.ndarray, folds: np.ndarray, predicted: np.ndarray, n_classes: int, k: int,
+                  keep: float, imagenet: tuple[np.ndarray, np.ndarray] | None) -> Detector:
+    """The detector on these photos alone (with its ImageNet test, given the classifier),
+    thresholds from their out-of-fold scores."""
+    detector = Detector.fit("", features, features[:0], predicted[:0], n_classes, k, keep, folds, predicted)
+    if imagenet is None:
+        return detector
+    return replace(detector, imagenet=fit_imagenet_test(imagenet, features, features[:0], predicted[:0], n_classes,
+                                                        keep, folds, predicted))
 
 
 def source_split_figures(features: np.ndarray, labels: np.ndarray, files: list[Path], groups: list[str],
                          vocab: list[str], c: float, k: int = DEFAULT_K, keep: float = DEFAULT_KEEP,
                          seed: int = 42, negatives: np.ndarray | None = None,
-                         outlier_keep: float = OUTLIER_KEEP) -> dict[str, Any]:
+                         outlier_keep: float = OUTLIER_KEEP,
+                         imagenet: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
     """Accuracy and flagged rates of the linear-head recipe on sources left out, by fold. With
     `negatives` (the features of the photos of no class an outlier test learns from), each fold's
     detector gets its outlier test too (keeping `outlier_keep`), fitted on the other sources and
-    those photos."""
+    those photos; with `imagenet` (the backbone's ImageNet classifier), its ImageNet test, fitted on
+    the other sources."""
     from sklearn.model_selection import GroupKFold
 
     names = np.array(groups)
@@ -79,7 +86,8 @@ def source_split_figures(features: np.ndarray, labels: np.ndarray, files: list[P
         head = _fit_head(features[train], labels[train], c)
         # The detector's own thresholds come from the training sources' out-of-fold answers.
         train_predicted = np.asarray(head.predict(features[train]))
-        detector = _fit_detector(features[train], labels[train], train_predicted, len(vocab), k, keep, seed)
+        folds = stratified_folds(labels[train], INNER_FOLDS, seed)
+        detector = _fit_detector(features[train], folds, train_predicted, len(vocab), k, keep, imagenet)
         if negatives is not None:
             fitted = fit_outlier_test(features[train], labels[train], train_predicted, features[:0], labels[:0],
                                       negatives, np.asarray(head.predict(negatives)), len(vocab), outlier_keep,
@@ -94,7 +102,8 @@ def source_split_figures(features: np.ndarray, labels: np.ndarray, files: list[P
                           "accuracy": round(float((predicted[mine] == i).mean()), 4) if mine.any() else None,
                           "flagged": round(float(flagged[mine].mean()), 4) if mine.any() else None}
     wrong = np.nonzero(predicted != labels)[0]
-    outlier = " (its outlier test with it)" if negatives is not None else ""
+    outlier = (" (its outlier test with it)" if negatives is not None else
+               " (its ImageNet test with it)" if imagenet is not None else "")
     return {
         "method": f"{splitter.n_splits} folds of whole sources (SOURCES.csv `repo`): the linear head refitted at "
                   f"C={c} and the detector{outlier} refitted on the other sources, measured on the sources left out",

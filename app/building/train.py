@@ -36,6 +36,8 @@ from app.building.cli import USAGE_ERROR, UsageError, parser, run_command
 from app.building.datasets import REJECTED_DIR, class_files, image_files, require_classes
 from app.building.download import DownloadReport, download_images, parse_url_specs
 from app.building.finish import BUNDLE_NAME, CARD_NAME, EXPORT_NAME, INT8_BUNDLE_NAME, complete
+from app.building.imagenet_test import CHOICES as IMAGENET_CHOICES
+from app.building.imagenet_test import SMALL_SET, wanted, why_not
 from app.building.int8 import ContractNotMet, agreement_summary, quantize_bundle, split_description
 from app.building.linear_head import fit_linear_head
 from app.building.measure import unfamiliar_files
@@ -133,6 +135,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "them (their flagged rates are then measured out of fold)")
     p.add_argument("--outlier-keep", type=float, default=OUTLIER_KEEP,
                    help="share of the training and validation photos the --outlier-exposure test keeps familiar")
+    p.add_argument("--imagenet-test", choices=IMAGENET_CHOICES, default="auto",
+                   help="the detector's ImageNet test (the backbone's ImageNet classifier stands in for photos of no "
+                        f"class); auto: on a small set (a class with fewer than {SMALL_SET} photos) without "
+                        "--outlier-exposure, with an EfficientNet-Lite body and --head linear")
     p.add_argument("--int8", action="store_true",
                    help="also write OUT/bundle-int8, the INT8 bundle (faster on most CPUs; README, INT8 bundles)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (also off when output is not a terminal)")
@@ -192,6 +198,9 @@ def print_summary(card: dict[str, Any], rejected: list[tuple[Path, str]], report
         if det["outlier_exposure"]:
             rows.append(("  and outlier exposure", f"learnt from {det['outlier_exposure']['negatives']} photos of "
                                                    "no class"))
+        if det["imagenet_test"]:
+            rows.append(("  and the ImageNet test", f"the training photos' top-5 ImageNet classes "
+                                                    f"({det['imagenet_test']['support_classes']} of 1000)"))
         if det["unfamiliar_photos"]:
             measured = " (out of fold)" if det["outlier_exposure"] else ""
             rows.append(("  photos of no class flagged",
@@ -237,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         for option, share in (("--detector-keep", args.detector_keep), ("--outlier-keep", args.outlier_keep)):
             if not 0 < share < 1:
                 raise UsageError(f"{option} is the share of photos kept familiar, between 0 and 1; got {share}")
+        if args.imagenet_test == "on" and (reason := why_not(args.arch, args.head, args.pretrained)):
+            raise UsageError(f"--imagenet-test on: {reason}")
         files, counts, rejected, report = prepare_data(args)
+        args.imagenet_test = wanted(args.imagenet_test, args.arch, args.head, args.pretrained, args.outlier_exposure,
+                                    counts)
         args.out.mkdir(parents=True, exist_ok=True)
         from fastai.torch_core import set_seed
 

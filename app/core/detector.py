@@ -17,6 +17,9 @@ predicted class on that score. On a student's small set the k-NN test alone lets
 through; photos of other things teach it which way "none of these" lies (README, "A student's small
 dataset").
 
+Where a student's set is small and there are no photos of no class, `app.train` gives the detector
+its ImageNet test instead (`app.core.imagenet_test`): ImageNet's 1000 classes stand in for them.
+
 `python -m app.train` fits one for every model it makes and saves it next to the export
 (`<export stem>.detector.npz`), bound to the export's sha256: a detector is never paired with
 another export. The serving path needs only NumPy here, so the fast restart path keeps working.
@@ -33,11 +36,13 @@ from typing import Any
 import numpy as np
 
 from app.core.files import write_atomically
+from app.core.imagenet_test import ImageNetTest
 from app.core.model_file import ModelFile, ModelLoadError
 
 METHOD = "knn-cosine"
 FEATURE = "pooled"  # the input of fastai's head: the concatenated average- and max-pooled body output
-FORMAT = 4  # 1: one threshold for every class; 2: no `thresholds_from`; 3: no outlier test (all still read)
+# 1: one threshold for every class; 2: no `thresholds_from`; 3: no outlier test; 4: no ImageNet test (all read)
+FORMAT = 5
 # Compare with the k-th nearest training photo, and keep this share of validation photos familiar:
 # how they were chosen is in the README ("Unfamiliar photos") and the model card.
 DEFAULT_K = 5
@@ -140,6 +145,7 @@ class Detector:
     class_false_flag_rates: tuple[float, ...] = ()
     thresholds_from: str = "validation split"
     outlier: OutlierTest | None = None  # the second test, when photos of no class trained one
+    imagenet: ImageNetTest | None = None  # the ImageNet test, on a small set with no photos of no class
 
     @classmethod
     def fit(cls, export_sha256: str, train_features: np.ndarray, valid_features: np.ndarray,
@@ -170,13 +176,16 @@ class Detector:
 
     def unfamiliar(self, features: np.ndarray, predicted: np.ndarray) -> np.ndarray:
         """Whether each photo is unlike the training photos, given the class predicted for it: by
-        the k-NN test, or by the outlier test where there is one."""
+        the k-NN test, or by the outlier or ImageNet test where there is one."""
         if self.class_thresholds:
             limits = np.asarray(self.class_thresholds, np.float32)[np.asarray(predicted)]
         else:
             limits = np.float32(self.threshold)
         flags = self.scores(features) < limits
-        return flags if self.outlier is None else flags | self.outlier.unfamiliar(features, predicted)
+        for test in (self.outlier, self.imagenet):
+            if test is not None:
+                flags |= test.unfamiliar(features, predicted)
+        return flags
 
     def describe(self) -> dict[str, Any]:
         """What `/model` and the model card say about the detector."""
@@ -190,15 +199,20 @@ class Detector:
             info["class_thresholds"] = [round(t, 6) for t in self.class_thresholds]
             info["class_valid_false_flag_rates"] = [round(r, 4) for r in self.class_false_flag_rates]
         info["outlier_exposure"] = self.outlier.describe() if self.outlier is not None else None
+        info["imagenet_test"] = self.imagenet.describe() if self.imagenet is not None else None
         return info
 
     def save(self, path: Path) -> None:
-        meta = {key: getattr(self, key) for key in self.__dataclass_fields__ if key not in ("reference", "outlier")}
+        meta = {key: getattr(self, key) for key in self.__dataclass_fields__
+                if key not in ("reference", "outlier", "imagenet")}
         meta["format"] = FORMAT
         arrays = {}
         if self.outlier is not None:
             meta["outlier"] = {key: value for key, value in asdict(self.outlier).items() if key != "weight"}
             arrays["outlier_weight"] = self.outlier.weight.astype(np.float32)  # small: kept exact
+        if self.imagenet is not None:
+            meta["imagenet"] = {"class_thresholds": self.imagenet.class_thresholds, "method": self.imagenet.method}
+            arrays.update(self.imagenet.arrays())
         buffer = io.BytesIO()
         # float16 halves the file; cosine similarities move by ~1e-4, far below the threshold's margin.
         np.savez(buffer, reference=self.reference.astype(np.float16), meta=np.array(json.dumps(meta)), **arrays)
@@ -215,11 +229,14 @@ class Detector:
                 if outlier is not None:
                     outlier = OutlierTest(weight=archive["outlier_weight"].astype(np.float32),
                                           **{**outlier, "class_thresholds": tuple(outlier["class_thresholds"])})
-            if meta.pop("format") not in (1, 2, 3, FORMAT) or meta.get("method") != METHOD:
+                imagenet = meta.pop("imagenet", None)
+                if imagenet is not None:
+                    imagenet = ImageNetTest.from_arrays(archive, imagenet)
+            if meta.pop("format") not in (1, 2, 3, 4, FORMAT) or meta.get("method") != METHOD:
                 raise DetectorError(f"{path.name} is of another format or method")
             for name in ("class_thresholds", "class_false_flag_rates"):
                 meta[name] = tuple(meta.get(name, ()))
-            detector = cls(reference=reference, outlier=outlier, **meta)
+            detector = cls(reference=reference, outlier=outlier, imagenet=imagenet, **meta)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DetectorError(f"{path.name} is not a readable detector ({exc})") from None
         if detector.export_sha256 != export_sha256:
