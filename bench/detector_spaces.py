@@ -65,13 +65,14 @@ from bench.servers import ROOT
 from bench.sources import SHARED, in_context_table, rate
 
 Space = Callable[[np.ndarray], np.ndarray]  # pooled features -> the features the detector compares
+Classifier = tuple[np.ndarray, np.ndarray]  # the backbone's ImageNet classifier: weight and bias
 SMALL_CLASSES = ("cats", "dogs")
 
 
-def spaces(architecture: str, reference: np.ndarray) -> dict[str, Space]:
+def spaces(classifier: Classifier, reference: np.ndarray) -> dict[str, Space]:
     """Each feature space by name; `reference` (the training photos' pooled features) sets the
     standardisation."""
-    weight, bias = imagenet_classifier(architecture)
+    weight, bias = classifier
     half = reference.shape[1] // 2  # fastai's concat pooling: max-pooled first, average-pooled second
     mean, spread = reference.mean(0), reference.std(0) + 1e-3
 
@@ -143,7 +144,7 @@ def crop_rows(bears: Outputs, fold: np.ndarray, predicted: list[np.ndarray], bea
     return [s < limits[p] for s, p in zip(scores, predicted[1:], strict=True)], scores
 
 
-def default_model_table(architecture: str, vocab: list[str], bears: Outputs, bear_groups: list[str],
+def default_model_table(classifier: Classifier, vocab: list[str], bears: Outputs, bear_groups: list[str],
                         ctx: Outputs, ctx_rows: list[dict[str, str]], not_bears: Outputs,
                         not_bear_groups: list[str],
                         crops: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> list[str]:
@@ -163,7 +164,7 @@ def default_model_table(architecture: str, vocab: list[str], bears: Outputs, bea
         lines.append(f"| {name} | {' | '.join(cells)} | {rate(ctx_flags[(ctx_labels == teddys) & home])} | "
                      f"{rate(ctx_flags[ctx_labels == -1])} | {rate(not_bear_flags)} | {bound} |")
 
-    for name, space in spaces(architecture, bears.features).items():
+    for name, space in spaces(classifier, bears.features).items():
         detector = Detector.fit("", space(bears.features), space(bears.features[:0]), predicted[0][:0], len(vocab),
                                 train_folds=fold, train_predicted=predicted[0])
         row(name, detector.unfamiliar(space(ctx.features), predicted[1]),
@@ -179,7 +180,7 @@ def default_model_table(architecture: str, vocab: list[str], bears: Outputs, bea
     knn = Detector.fit("", bears.features, bears.features[:0], predicted[0][:0], len(vocab), train_folds=fold,
                        train_predicted=predicted[0])
     # What `--imagenet-test on` would add (auto leaves it off at 1,600 photos), thresholds from source folds.
-    imagenet = fit_imagenet_test(imagenet_classifier(architecture), bears.features, bears.features[:0],
+    imagenet = fit_imagenet_test(classifier, bears.features, bears.features[:0],
                                  predicted[0][:0], len(vocab), DEFAULT_KEEP, fold, predicted[0])
     with_imagenet = replace(knn, imagenet=imagenet)
     row("pooled k-NN + the ImageNet test (`app.train --imagenet-test on`; no single score)",
@@ -200,7 +201,7 @@ def default_model_table(architecture: str, vocab: list[str], bears: Outputs, bea
     return lines
 
 
-def small_set_table(architecture: str, pool: Outputs, bears: Outputs, sizes: list[int], draws: int) -> list[str]:
+def small_set_table(classifier: Classifier, pool: Outputs, bears: Outputs, sizes: list[int], draws: int) -> list[str]:
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -219,11 +220,11 @@ def small_set_table(architecture: str, pool: Outputs, bears: Outputs, sizes: lis
             head.fit(pool.features[train], labels[train])
             folds = stratified_folds(labels[train], 5, seed=42)
             detectors = {}
-            for name, space in spaces(architecture, pool.features[train]).items():
+            for name, space in spaces(classifier, pool.features[train]).items():
                 detectors[name] = space, Detector.fit("", space(pool.features[train]), space(pool.features[check]),
                                                       head.predict(pool.features[check]), len(SMALL_CLASSES),
                                                       train_folds=folds, train_predicted=labels[train])
-            imagenet = fit_imagenet_test(imagenet_classifier(architecture), pool.features[train],
+            imagenet = fit_imagenet_test(classifier, pool.features[train],
                                          pool.features[check], head.predict(pool.features[check]),
                                          len(SMALL_CLASSES), DEFAULT_KEEP, folds, labels[train])
             shipped = detectors["pooled (as shipped)"]
@@ -253,7 +254,8 @@ def main() -> int:
         raise SystemExit(f"no bundle in {args.model}: python -m app.compile {args.model}/export.pkl "
                          f"--out {args.model}/bundle")
     bundle = load_bundle(args.model / "bundle", os.cpu_count() or 1)
-    vocab, architecture = bundle.manifest.classes, bundle.manifest.card["architecture"]
+    vocab = bundle.manifest.classes
+    classifier = imagenet_classifier(bundle.manifest.card["architecture"])  # loaded once: it builds the network
     run = {name: predict_files(bundle.predictor, None, files) for name, files in
            (("bears", class_files(SHARED / "bears", vocab)),
             ("ctx", image_files(SHARED / "in-context", recursive=True)),
@@ -268,8 +270,7 @@ def main() -> int:
                    run["not_bears"].features[small], None, [])
     crops = None
     if not args.no_crops:
-        weight = imagenet_classifier(architecture)[0]
-        crops = tuple(crop_features(args.model / "export.pkl", bundle, weight, run[name].files)
+        crops = tuple(crop_features(args.model / "export.pkl", bundle, classifier[0], run[name].files)
                       for name in ("bears", "ctx", "not_bears"))
     known = np.array([r["class"] in vocab for r in ctx_rows])
     targets = np.array([vocab.index(r["class"]) for r in ctx_rows if r["class"] in vocab])
@@ -277,10 +278,10 @@ def main() -> int:
     print("\n".join([f"# Detector feature spaces ({args.model})", "",
                      f"In-context accuracy: {right.mean():.2%} ({int((~right).sum())} wrong of {len(right)})", "",
                      "The bear model:", "",
-                     *default_model_table(architecture, vocab, run["bears"], bear_groups, run["ctx"], ctx_rows,
+                     *default_model_table(classifier, vocab, run["bears"], bear_groups, run["ctx"], ctx_rows,
                                           run["not_bears"], not_bear_groups, crops),
                      "", "A student's small cats/dogs set:", "",
-                     *small_set_table(architecture, pool, run["bears"], args.sizes, args.draws)]))
+                     *small_set_table(classifier, pool, run["bears"], args.sizes, args.draws)]))
     return 0
 
 

@@ -56,8 +56,8 @@ def new_photos_figures(bundle: Path, held_out: dict[str, list[Path]], bears: lis
 
 
 def drawn(pool: list[Path], size: int, seed: int) -> list[Path]:
-    """The `size` photos of `pool` a set of that size trains on at `seed` (`bench.outlier_keep`
-    draws its sets the same way)."""
+    """The `size` photos of `pool` a set of that size trains on at `seed` (`bench.small_sets`
+    draws its sets the same way, for the benches that choose settings)."""
     return random.Random(seed * 1000 + size).sample(pool, size)
 
 

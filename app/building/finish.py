@@ -103,12 +103,12 @@ def finish(learn: Any, train_files: list[Path], valid_files: list[Path], out: Pa
     if has_features and valid.features is not None:
         train = train_outputs or predict_files(predictor, None, train_files)
         folds = (out_of_fold.fold, out_of_fold.logits.argmax(axis=1)) if out_of_fold is not None else (None, None)
-        detector = Detector.fit(sha256_file(export_path), train.features, valid.features, valid.probs.argmax(axis=1),
+        valid_predicted = valid.probs.argmax(axis=1)
+        detector = Detector.fit(sha256_file(export_path), train.features, valid.features, valid_predicted,
                                 len(vocab), k, keep, *folds)
         if imagenet is not None:
             detector = replace(detector, imagenet=fit_imagenet_test(imagenet, train.features, valid.features,
-                                                                    valid.probs.argmax(axis=1), len(vocab), keep,
-                                                                    *folds))
+                                                                    valid_predicted, len(vocab), keep, *folds))
         if unfamiliar is not None:
             negatives = predict_files(predictor, None, unfamiliar_files(unfamiliar))
             # The k-NN and ImageNet tests never see the photos of no class: their flags on them are honest.
@@ -116,7 +116,7 @@ def finish(learn: Any, train_files: list[Path], valid_files: list[Path], out: Pa
             if outlier_keep is not None:
                 labels = np.array([vocab.index(p.parent.name) for p in train.files])
                 fitted = fit_outlier_test(train.features, labels, labels if folds[1] is None else folds[1],
-                                          valid.features, valid.probs.argmax(axis=1), negatives.features,
+                                          valid.features, valid_predicted, negatives.features,
                                           negatives.probs.argmax(axis=1), len(vocab), outlier_keep, folds=folds[0])
                 detector = replace(detector, outlier=fitted.test)
                 negatives.unfamiliar |= fitted.negative_flags
