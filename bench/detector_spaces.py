@@ -52,13 +52,13 @@ from pathlib import Path
 import numpy as np
 
 from app.building.datasets import class_files, image_files
-from app.building.imagenet_test import fit_imagenet_test, imagenet_classifier
+from app.building.imagenet_test import imagenet_classifier, with_imagenet_test
 from app.building.linear_head import stratified_folds
 from app.building.measure import Outputs, predict_files
 from app.building.outlier_exposure import fit_outlier_test, linear_score
 from app.building.source_split import read_sources, sources_of
 from app.core.bundle import load_bundle
-from app.core.detector import DEFAULT_K, DEFAULT_KEEP, Detector, knn_similarity, l2_normalised, threshold_keeping
+from app.core.detector import DEFAULT_K, Detector, knn_similarity, l2_normalised, threshold_keeping
 from app.core.imagenet_test import imagenet_logits, probabilities
 from bench.object_crops import crop_features
 from bench.servers import ROOT
@@ -180,12 +180,11 @@ def default_model_table(classifier: Classifier, vocab: list[str], bears: Outputs
     knn = Detector.fit("", bears.features, bears.features[:0], predicted[0][:0], len(vocab), train_folds=fold,
                        train_predicted=predicted[0])
     # What `--imagenet-test on` would add (auto leaves it off at 1,600 photos), thresholds from source folds.
-    imagenet = fit_imagenet_test(classifier, bears.features, bears.features[:0],
-                                 predicted[0][:0], len(vocab), DEFAULT_KEEP, fold, predicted[0])
-    with_imagenet = replace(knn, imagenet=imagenet)
-    row("pooled k-NN + the ImageNet test (`app.train --imagenet-test on`; no single score)",
-        with_imagenet.unfamiliar(ctx.features, predicted[1]),
-        with_imagenet.unfamiliar(not_bears.features, predicted[2]), None)
+    joined = with_imagenet_test(knn, classifier, bears.features, bears.features[:0], predicted[0][:0], fold,
+                                predicted[0])
+    row("pooled k-NN joined with the ImageNet test (`app.train --imagenet-test on`)",
+        joined.unfamiliar(ctx.features, predicted[1]), joined.unfamiliar(not_bears.features, predicted[2]),
+        joined.imagenet.scores(ctx.features, joined.scores(ctx.features)))
     # As app.train --unfamiliar not-bears --outlier-exposure would fit it: not-bears' flags out of fold.
     fitted = fit_outlier_test(bears.features, labels, predicted[0], bears.features[:0], predicted[0][:0],
                               not_bears.features, predicted[2], len(vocab))
@@ -224,12 +223,10 @@ def small_set_table(classifier: Classifier, pool: Outputs, bears: Outputs, sizes
                 detectors[name] = space, Detector.fit("", space(pool.features[train]), space(pool.features[check]),
                                                       head.predict(pool.features[check]), len(SMALL_CLASSES),
                                                       train_folds=folds, train_predicted=labels[train])
-            imagenet = fit_imagenet_test(classifier, pool.features[train],
-                                         pool.features[check], head.predict(pool.features[check]),
-                                         len(SMALL_CLASSES), DEFAULT_KEEP, folds, labels[train])
             shipped = detectors["pooled (as shipped)"]
-            detectors["pooled k-NN + the ImageNet test (app.train's default here)"] = (
-                shipped[0], replace(shipped[1], imagenet=imagenet))
+            detectors["pooled k-NN joined with the ImageNet test (app.train's default here)"] = (
+                shipped[0], with_imagenet_test(shipped[1], classifier, pool.features[train], pool.features[check],
+                                               head.predict(pool.features[check]), folds, labels[train]))
             for name, (space, detector) in detectors.items():
                 flags = detector.unfamiliar(space(pool.features[held]), head.predict(pool.features[held]))
                 worst = max(flags[labels[held] == c].mean() for c in range(len(SMALL_CLASSES)))

@@ -99,7 +99,7 @@ def main() -> int:
         for folder in (SHARED / "not-bears").iterdir():
             if folder.is_dir() and folder.name not in CLASSES:
                 shutil.copytree(folder, Path(others) / folder.name)
-        variants = {"k-NN alone": ["--imagenet-test", "off"], "k-NN + ImageNet test (defaults)": [],
+        variants = {"k-NN alone": ["--imagenet-test", "off"], "k-NN joined with the ImageNet test (defaults)": [],
                     "k-NN + outlier exposure": ["--unfamiliar", others, "--outlier-exposure"]}
         for size in args.sizes:
             for seed in range(args.seeds):

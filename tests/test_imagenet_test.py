@@ -6,15 +6,14 @@ and server that answer with it. The small set it is fitted on end to end is conf
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import requests
 from support import AppProcess, make_dataset, synthetic_image
 
-from app.building.imagenet_test import SMALL_SET, fit_imagenet_test, wanted
-from app.core.detector import Detector
+from app.building.imagenet_test import SMALL_SET, calibration, gaussian_thresholds, wanted, with_imagenet_test
+from app.core.detector import Detector, out_of_fold_scores
 from app.core.imagenet_test import support_of
 
 # --- The maths -----------------------------------------------------------------------------------
@@ -32,44 +31,101 @@ def photos(rng: np.random.Generator, n: int, imagenet_class: int, max_pooled: fl
     return np.hstack([maximum, average + rng.normal(0, 0.05, (n, 4))]).astype(np.float32)
 
 
+def knn_test(train: np.ndarray, valid: np.ndarray, valid_predicted: np.ndarray, n_classes: int,
+             folds: np.ndarray | None = None, labels: np.ndarray | None = None) -> Detector:
+    return Detector.fit("a" * 64, train, valid, valid_predicted, n_classes, train_folds=folds, train_predicted=labels)
+
+
 def test_photos_imagenet_puts_elsewhere_are_flagged_and_the_training_photos_are_not():
     rng = np.random.default_rng(0)
     train = np.concatenate([photos(rng, 20, 0), photos(rng, 20, 1)])
     labels = np.repeat([0, 1], 20)
     valid = np.concatenate([photos(rng, 5, 0), photos(rng, 5, 1)])
     folds = np.arange(40) % 5
-    test = fit_imagenet_test(CLASSIFIER, train, valid, np.repeat([0, 1], 5), 2, 0.97, folds, labels, top=1)
-    assert test.support.tolist() == [0, 1] and len(test.class_thresholds) == 2
+    knn = knn_test(train, valid, np.repeat([0, 1], 5), 2, folds, labels)
+    joined = with_imagenet_test(knn, CLASSIFIER, train, valid, np.repeat([0, 1], 5), folds, labels, top=1)
+    assert joined.imagenet.joined and joined.imagenet.support.tolist() == [0, 1]
+    assert len(joined.imagenet.class_thresholds) == 2
     familiar = np.concatenate([photos(rng, 30, 0), photos(rng, 30, 1)])
     strangers = np.concatenate([photos(rng, 30, 2), photos(rng, 30, 3)])
-    # At most about 1 - keep of photos like the training ones fall below the lowest of 50 scores.
-    assert test.unfamiliar(familiar, np.repeat([0, 1], 30)).mean() <= 0.1
-    assert test.unfamiliar(strangers, np.repeat([0, 1], 30)).all()
+    assert joined.unfamiliar(familiar, np.repeat([0, 1], 30)).mean() <= 0.1
+    assert joined.unfamiliar(strangers, np.repeat([0, 1], 30)).all()
     # The k-NN test sees the strangers' max-pooled half, like the training photos': it lets most through.
-    knn = Detector.fit("", train, valid, np.repeat([0, 1], 5), 2, train_folds=folds, train_predicted=labels)
     assert knn.unfamiliar(strangers, np.repeat([0, 1], 30)).mean() < 0.5
-    assert replace(knn, imagenet=test).unfamiliar(strangers, np.repeat([0, 1], 30)).all()
+
+
+def test_one_threshold_on_the_joint_score_replaces_the_k_nn_tests_own():
+    """The joined test flags a photo on the sum of both standardised scores: some familiar-looking
+    photos the k-NN test's own threshold lets through are low enough on both together."""
+    rng = np.random.default_rng(3)
+    train = np.concatenate([photos(rng, 30, 0), photos(rng, 30, 1)])
+    valid = np.concatenate([photos(rng, 10, 0), photos(rng, 10, 1)])
+    predicted = np.repeat([0, 1], 10)
+    knn = knn_test(train, valid, predicted, 2)
+    joined = with_imagenet_test(knn, CLASSIFIER, train, valid, predicted, top=1)
+    scale, threshold = joined.imagenet.scale, joined.imagenet.class_thresholds[0]
+    assert joined.imagenet.class_thresholds == (threshold, threshold)  # fewer than 40 photos a class: one for all
+    probe = photos(rng, 400, 0)
+    knn_scores, mass = knn.scores(probe), joined.imagenet.mass(probe)
+    joint = scale.joint(knn_scores, mass)
+    assert np.array_equal(joined.imagenet.scores(probe, knn_scores), joint)
+    flags = joined.unfamiliar(probe, np.zeros(400, int))
+    assert np.array_equal(flags, joint < np.float32(threshold))
+    assert 0 < flags.mean() <= 0.05
+    assert (flags & ~knn.unfamiliar(probe, np.zeros(400, int))).any()
+
+
+def test_the_reported_flag_rates_are_the_joined_tests():
+    rng = np.random.default_rng(4)
+    train = np.concatenate([photos(rng, 20, 0), photos(rng, 20, 1)])
+    valid = np.concatenate([photos(rng, 45, 0), photos(rng, 45, 1)])
+    predicted = np.repeat([0, 1], 45)
+    joined = with_imagenet_test(knn_test(train, valid, predicted, 2), CLASSIFIER, train, valid, predicted, top=1)
+    flags = joined.unfamiliar(valid, predicted)
+    assert joined.valid_false_flag_rate == pytest.approx(flags.mean())
+    assert joined.class_false_flag_rates == pytest.approx((flags[:45].mean(), flags[45:].mean()))
+    # 45 photos a class (at least 40): each class its own threshold.
+    assert joined.imagenet.class_thresholds[0] != joined.imagenet.class_thresholds[1]
+
+
+def test_gaussian_thresholds_reach_below_the_lowest_score():
+    scores = np.concatenate([np.linspace(-1, 1, 50), np.linspace(9, 11, 10)]).astype(np.float32)
+    predicted = np.repeat([0, 1], [50, 10])
+    first, second = gaussian_thresholds(scores, predicted, 2, 2.0)
+    assert first == pytest.approx(scores[:50].mean() - 2 * scores[:50].std()) and first < scores[:50].min()
+    assert second == pytest.approx(scores.mean() - 2 * scores.std())  # 10 photos: the overall one
 
 
 def test_each_training_photo_is_scored_against_the_other_folds_support():
     """One training photo is the only one whose ImageNet class is 3: the support holds class 3, but
-    its out-of-fold score (against the other folds' support, which lacks it) is low, and being the
-    lowest of the scores, it sets the threshold: as a new photo of its kind would be scored."""
+    its out-of-fold mass (against the other folds' support, which lacks it) is low: as a new photo
+    of its kind would be scored."""
     rng = np.random.default_rng(1)
     train = np.concatenate([photos(rng, 19, 0), photos(rng, 1, 3)])
-    folds = np.arange(20) % 5
-    test = fit_imagenet_test(CLASSIFIER, train, train[:0], np.zeros(0, int), 1, 0.97, folds, np.zeros(20, int), top=1)
-    assert test.support.tolist() == [0, 3]
-    assert test.class_thresholds[0] < 0.01
+    folds, labels = np.arange(20) % 5, np.zeros(20, int)
+    knn = knn_test(train, train[:0], labels[:0], 1, folds, labels)
+    cal = calibration(knn, CLASSIFIER, train, train[:0], labels[:0], folds, labels, top=1)
+    assert cal.support.tolist() == [0, 3]
+    assert cal.mass[19] < 0.01 and cal.mass[:19].min() > 0.9
+    assert np.array_equal(cal.knn, out_of_fold_scores(train, folds, knn.k))
     # Without the out-of-fold scores, thresholds rest on the validation photos alone.
-    only_valid = fit_imagenet_test(CLASSIFIER, train, photos(rng, 10, 0), np.zeros(10, int), 1, 0.97, top=1)
-    assert only_valid.class_thresholds[0] > 0.9
+    only_valid = calibration(knn, CLASSIFIER, train, photos(rng, 10, 0), np.zeros(10, int), top=1)
+    assert len(only_valid.mass) == len(only_valid.knn) == 10
 
 
 def test_the_support_is_each_photos_top_classes():
     probs = np.array([[0.5, 0.3, 0.1, 0.1, 0.0], [0.0, 0.1, 0.2, 0.3, 0.4]])
     assert support_of(probs, 1).tolist() == [0, 4]
     assert support_of(probs, 2).tolist() == [0, 1, 3, 4]
+
+
+def resaved(path, format: int, **imagenet) -> None:
+    """The detector file at `path` as an older format wrote it."""
+    archive = dict(np.load(path))
+    meta = {**json.loads(str(archive.pop("meta"))), "format": format}
+    if imagenet:
+        meta["imagenet"] = {key: value for key, value in {**meta["imagenet"], **imagenet}.items() if value is not None}
+    np.savez(path, meta=np.array(json.dumps(meta)), **archive)
 
 
 def test_the_test_is_saved_as_it_was_fitted_and_older_files_still_load(tmp_path):
@@ -80,24 +136,33 @@ def test_the_test_is_saved_as_it_was_fitted_and_older_files_still_load(tmp_path)
     labels = np.repeat([0, 1], 20)
     # A weight float16 cannot hold exactly: the test is fitted with it rounded, as the file keeps it.
     classifier = (CLASSIFIER[0] + np.float32(1e-4), CLASSIFIER[1])
-    test = fit_imagenet_test(classifier, train, valid, np.zeros(6, int), 2, 0.97, np.arange(40) % 5, labels)
-    assert np.array_equal(test.weight, classifier[0].astype(np.float16).astype(np.float32))
-    plain = Detector.fit("a" * 64, train, valid, np.zeros(6, int), 2)
-    detector = replace(plain, imagenet=test)
+    plain = knn_test(train, valid, np.zeros(6, int), 2)
+    detector = with_imagenet_test(plain, classifier, train, valid, np.zeros(6, int), np.arange(40) % 5, labels)
+    assert np.array_equal(detector.imagenet.weight, classifier[0].astype(np.float16).astype(np.float32))
     detector.save(tmp_path / "d.npz")
     again = Detector.load(tmp_path / "d.npz", "a" * 64)
     probe = np.concatenate([photos(rng, 10, c, 1.0) for c in range(4)])
     predicted = rng.integers(0, 2, len(probe))
-    assert np.array_equal(again.imagenet.scores(probe), detector.imagenet.scores(probe))
+    knn_scores = detector.scores(probe)
+    assert np.array_equal(again.imagenet.scores(probe, knn_scores), detector.imagenet.scores(probe, knn_scores))
     assert np.array_equal(again.unfamiliar(probe, predicted), detector.unfamiliar(probe, predicted))
     assert again.describe() == detector.describe()
-    assert again.describe()["imagenet_test"]["support_classes"] == len(test.support)
+    assert again.describe()["imagenet_test"]["support_classes"] == len(detector.imagenet.support)
+    assert again.describe()["imagenet_test"]["joined_with_knn"] is True
+
+    # Format 5: the ImageNet test on its own, its thresholds on the mass, OR'd with the k-NN test's.
+    mass_thresholds = (0.5, 0.5)
+    resaved(tmp_path / "d.npz", 5, scale=None, class_thresholds=mass_thresholds)
+    five = Detector.load(tmp_path / "d.npz", "a" * 64)
+    assert not five.imagenet.joined and five.describe()["imagenet_test"]["joined_with_knn"] is False
+    alone = (plain.unfamiliar(probe, predicted)
+             | (five.imagenet.mass(probe) < np.asarray(mass_thresholds, np.float32)[predicted]))
+    assert np.array_equal(five.unfamiliar(probe, predicted), alone)
+    assert alone.any() and not alone.all()
 
     # A detector file of format 4 (before the ImageNet test) loads without it.
     plain.save(tmp_path / "old.npz")
-    archive = dict(np.load(tmp_path / "old.npz"))
-    meta = {**json.loads(str(archive["meta"])), "format": 4}
-    np.savez(tmp_path / "old.npz", reference=archive["reference"], meta=np.array(json.dumps(meta)))
+    resaved(tmp_path / "old.npz", 4)
     old = Detector.load(tmp_path / "old.npz", "a" * 64)
     assert old.imagenet is None and old.describe()["imagenet_test"] is None
     assert np.array_equal(old.unfamiliar(probe, predicted), plain.unfamiliar(probe, predicted))
@@ -146,8 +211,9 @@ def test_a_small_set_at_defaults_gets_the_test_and_says_so(small_model):
     detector = card["detector"]
     assert detector["imagenet_test"]["support_classes"] >= 5 and len(detector["imagenet_test"]["class_thresholds"]) == 3
     assert detector["outlier_exposure"] is None
-    assert "the ImageNet test" in detector["threshold_rule"]
-    assert "and the ImageNet test" in printed
+    assert detector["imagenet_test"]["joined_with_knn"] is True
+    assert "k-NN and ImageNet tests' scores together" in detector["threshold_rule"]
+    assert "joined with the ImageNet test" in printed and "threshold 0." not in printed
     assert "(its ImageNet test with it)" in card["source_split"]["method"]
     # The test travels in the bundle the server loads, exactly as the export's detector holds it.
     bundle = load_bundle(model / "bundle", 1)

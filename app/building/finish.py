@@ -20,7 +20,7 @@ from PIL import Image
 from app.building.bundle import compile_bundle
 from app.building.calibration import Calibration, calibrate, fold_temperature
 from app.building.evidence import warnings_for
-from app.building.imagenet_test import fit_imagenet_test, imagenet_classifier
+from app.building.imagenet_test import SDS, imagenet_classifier, with_imagenet_test
 from app.building.linear_head import OutOfFold
 from app.building.measure import Outputs, confusion_matrix, folder_rates, predict_files, unfamiliar_files
 from app.building.outlier_exposure import fit_outlier_test
@@ -107,8 +107,7 @@ def finish(learn: Any, train_files: list[Path], valid_files: list[Path], out: Pa
         detector = Detector.fit(sha256_file(export_path), train.features, valid.features, valid_predicted,
                                 len(vocab), k, keep, *folds)
         if imagenet is not None:
-            detector = replace(detector, imagenet=fit_imagenet_test(imagenet, train.features, valid.features,
-                                                                    valid_predicted, len(vocab), keep, *folds))
+            detector = with_imagenet_test(detector, imagenet, train.features, valid.features, valid_predicted, *folds)
         if unfamiliar is not None:
             negatives = predict_files(predictor, None, unfamiliar_files(unfamiliar))
             # The k-NN and ImageNet tests never see the photos of no class: their flags on them are honest.
@@ -208,9 +207,11 @@ def model_card(done: Finished, learn: Any, args: argparse.Namespace, counts: Cou
                      f"the split-conformal {1 - args.outlier_keep:.0%} quantile of its own scores, set the same way; "
                      "their flagged rates are out of fold")
         if done.detector.imagenet is not None:
-            rule += (f"; and the ImageNet test, its thresholds the split-conformal {1 - args.detector_keep:.0%} "
-                     "quantile of its own scores, set the same way (the training photos' against the other folds' "
-                     "support)")
+            rule = (f"one test on the k-NN and ImageNet tests' scores together: each standardised by the photos that "
+                    f"set the thresholds ({done.detector.thresholds_from}; the training photos' ImageNet mass on the "
+                    f"other folds' support), added, and per predicted class {SDS:g} standard deviations below the "
+                    "mean of the sums of the photos predicted as it (the overall one for a class with fewer than 40); "
+                    "photos of no class never set it")
         detector = {**done.detector.describe(), "threshold_rule": rule,
                     "unfamiliar_photos": done.unfamiliar}
     card = {

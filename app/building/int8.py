@@ -24,7 +24,7 @@ import numpy as np
 
 from app.building.bundle import compile_bundle
 from app.building.datasets import class_files, require_classes, split
-from app.building.imagenet_test import fit_imagenet_test
+from app.building.imagenet_test import with_imagenet_test
 from app.building.linear_head import FOLDS, stratified_folds
 from app.building.measure import Outputs, predict_files
 from app.building.quantize import DEFAULT_RECIPE, Recipe, batched, quantize
@@ -197,11 +197,11 @@ def _refit_detector(source: LoadedBundle, int8: Predictor, train_files: list[Pat
                          len(source.manifest.classes), source.detector.k, keep, folds, predicted)
     imagenet = source.detector.imagenet
     if imagenet is not None:  # its classifier travels with it: refitted on the INT8 features as the k-NN test
-        imagenet = fit_imagenet_test((imagenet.weight, imagenet.bias), train.features, valid.features,
-                                     valid.probs.argmax(axis=1), len(source.manifest.classes), keep, folds, predicted)
+        refit = with_imagenet_test(refit, (imagenet.weight, imagenet.bias), train.features, valid.features,
+                                   valid.probs.argmax(axis=1), folds, predicted)
     # The outlier test is kept as it is: app.compile has no photos of no class to refit it on, and
     # the agreement figures measure each class's flagged rate under both precisions, this test included.
-    return dataclasses.replace(refit, outlier=source.detector.outlier, imagenet=imagenet)
+    return dataclasses.replace(refit, outlier=source.detector.outlier)
 
 
 def training_split(data: Path, card: dict[str, Any] | None, vocab: list[str]) -> tuple[list[Path], list[Path], str]:

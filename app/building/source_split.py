@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from app.building.imagenet_test import fit_imagenet_test
+from app.building.imagenet_test import with_imagenet_test
 from app.building.linear_head import stratified_folds
 from app.building.outlier_exposure import KEEP as OUTLIER_KEEP
 from app.building.outlier_exposure import fit_outlier_test
@@ -61,8 +61,7 @@ def _fit_detector(features: np.ndarray, folds: np.ndarray, predicted: np.ndarray
     detector = Detector.fit("", features, features[:0], predicted[:0], n_classes, k, keep, folds, predicted)
     if imagenet is None:
         return detector
-    return replace(detector, imagenet=fit_imagenet_test(imagenet, features, features[:0], predicted[:0], n_classes,
-                                                        keep, folds, predicted))
+    return with_imagenet_test(detector, imagenet, features, features[:0], predicted[:0], folds, predicted)
 
 
 def source_split_figures(features: np.ndarray, labels: np.ndarray, files: list[Path], groups: list[str],

@@ -52,6 +52,7 @@ from app.building.recipe import (
     new_learner,
 )
 from app.core.detector import DEFAULT_K, DEFAULT_KEEP, detector_path
+from app.core.imagenet_test import TOP
 from app.core.images import ImageError, decode_image
 
 DEFAULT_OUT = Path("trained")
@@ -192,15 +193,17 @@ def print_summary(card: dict[str, Any], rejected: list[tuple[Path, str]], report
                                             f"photos of {split['sources']} sources, by SOURCES.csv)"))
     if card["detector"]:
         det = card["detector"]
-        rows.append(("unfamiliar-image detector", f"k={det['k']}, threshold {det['threshold']:.4f}, flags "
+        # Joined with the ImageNet test, the k-NN test's own threshold no longer decides.
+        threshold = "" if det["imagenet_test"] else f", threshold {det['threshold']:.4f}"
+        rows.append(("unfamiliar-image detector", f"k={det['k']}{threshold}, flags "
                                                   f"{det['valid_false_flag_rate']:.1%} of the {det['valid_images']} "
                                                   f"photos that set it ({det['thresholds_from']})"))
         if det["outlier_exposure"]:
             rows.append(("  and outlier exposure", f"learnt from {det['outlier_exposure']['negatives']} photos of "
                                                    "no class"))
         if det["imagenet_test"]:
-            rows.append(("  and the ImageNet test", f"the training photos' top-5 ImageNet classes "
-                                                    f"({det['imagenet_test']['support_classes']} of 1000)"))
+            rows.append(("  joined with the ImageNet test", f"the training photos' top-{TOP} ImageNet classes "
+                                                           f"({det['imagenet_test']['support_classes']} of 1000)"))
         if det["unfamiliar_photos"]:
             measured = " (out of fold)" if det["outlier_exposure"] else ""
             rows.append(("  photos of no class flagged",

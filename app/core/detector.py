@@ -18,7 +18,9 @@ through; photos of other things teach it which way "none of these" lies (README,
 dataset").
 
 Where a student's set is small and there are no photos of no class, `app.train` gives the detector
-its ImageNet test instead (`app.core.imagenet_test`): ImageNet's 1000 classes stand in for them.
+its ImageNet test instead (`app.core.imagenet_test`): ImageNet's 1000 classes stand in for them,
+and the k-NN test's score and the ImageNet test's are judged together, by one threshold on their
+standardised sum.
 
 `python -m app.train` fits one for every model it makes and saves it next to the export
 (`<export stem>.detector.npz`), bound to the export's sha256: a detector is never paired with
@@ -41,8 +43,9 @@ from app.core.model_file import ModelFile, ModelLoadError
 
 METHOD = "knn-cosine"
 FEATURE = "pooled"  # the input of fastai's head: the concatenated average- and max-pooled body output
-# 1: one threshold for every class; 2: no `thresholds_from`; 3: no outlier test; 4: no ImageNet test (all read)
-FORMAT = 5
+# 1: one threshold for every class; 2: no `thresholds_from`; 3: no outlier test; 4: no ImageNet test;
+# 5: the ImageNet test on its own (all read)
+FORMAT = 6
 # Compare with the k-th nearest training photo, and keep this share of validation photos familiar:
 # how they were chosen is in the README ("Unfamiliar photos") and the model card.
 DEFAULT_K = 5
@@ -176,15 +179,20 @@ class Detector:
 
     def unfamiliar(self, features: np.ndarray, predicted: np.ndarray) -> np.ndarray:
         """Whether each photo is unlike the training photos, given the class predicted for it: by
-        the k-NN test, or by the outlier or ImageNet test where there is one."""
-        if self.class_thresholds:
-            limits = np.asarray(self.class_thresholds, np.float32)[np.asarray(predicted)]
+        the k-NN test (joined with the ImageNet test where there is one), or by the outlier test."""
+        scores = self.scores(features)
+        if self.imagenet is not None and self.imagenet.joined:
+            flags = self.imagenet.unfamiliar(features, predicted, scores)
         else:
-            limits = np.float32(self.threshold)
-        flags = self.scores(features) < limits
-        for test in (self.outlier, self.imagenet):
-            if test is not None:
-                flags |= test.unfamiliar(features, predicted)
+            if self.class_thresholds:
+                limits = np.asarray(self.class_thresholds, np.float32)[np.asarray(predicted)]
+            else:
+                limits = np.float32(self.threshold)
+            flags = scores < limits
+            if self.imagenet is not None:  # a format-5 file's, on its own
+                flags |= self.imagenet.unfamiliar(features, predicted, scores)
+        if self.outlier is not None:
+            flags |= self.outlier.unfamiliar(features, predicted)
         return flags
 
     def describe(self) -> dict[str, Any]:
@@ -211,7 +219,7 @@ class Detector:
             meta["outlier"] = {key: value for key, value in asdict(self.outlier).items() if key != "weight"}
             arrays["outlier_weight"] = self.outlier.weight.astype(np.float32)  # small: kept exact
         if self.imagenet is not None:
-            meta["imagenet"] = {"class_thresholds": self.imagenet.class_thresholds, "method": self.imagenet.method}
+            meta["imagenet"] = self.imagenet.meta()
             arrays.update(self.imagenet.arrays())
         buffer = io.BytesIO()
         # float16 halves the file; cosine similarities move by ~1e-4, far below the threshold's margin.
@@ -232,7 +240,7 @@ class Detector:
                 imagenet = meta.pop("imagenet", None)
                 if imagenet is not None:
                     imagenet = ImageNetTest.from_arrays(archive, imagenet)
-            if meta.pop("format") not in (1, 2, 3, 4, FORMAT) or meta.get("method") != METHOD:
+            if meta.pop("format") not in (1, 2, 3, 4, 5, FORMAT) or meta.get("method") != METHOD:
                 raise DetectorError(f"{path.name} is of another format or method")
             for name in ("class_thresholds", "class_false_flag_rates"):
                 meta[name] = tuple(meta.get(name, ()))
