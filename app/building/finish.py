@@ -199,19 +199,20 @@ def model_card(done: Finished, learn: Any, args: argparse.Namespace, counts: Cou
                  "std": [round(v, 4) for v in norm[0].std.flatten().tolist()]}
     detector = None
     if done.detector is not None:
-        rule = (f"per predicted class: the split-conformal {1 - args.detector_keep:.0%} quantile of the scores of the "
-                f"photos predicted as that class ({done.detector.thresholds_from}; the overall one for a class with "
-                "fewer than 40); photos of no class never set it")
-        if done.detector.outlier is not None:
-            rule += ("; and a second test, outlier exposure, fitted against the --unfamiliar photos, its thresholds "
-                     f"the split-conformal {1 - args.outlier_keep:.0%} quantile of its own scores, set the same way; "
-                     "their flagged rates are out of fold")
-        if done.detector.imagenet is not None:
-            rule = (f"one test on the k-NN and ImageNet tests' scores together: each standardised by the photos that "
+        if done.detector.imagenet is None:
+            rule = (f"per predicted class: the split-conformal {1 - args.detector_keep:.0%} quantile of the scores of "
+                    f"the photos predicted as that class ({done.detector.thresholds_from}; the overall one for a class "
+                    "with fewer than 40); photos of no class never set it")
+        else:  # the k-NN test's own thresholds, still in the card, no longer decide
+            rule = ("one test on the k-NN and ImageNet tests' scores together: each standardised by the photos that "
                     f"set the thresholds ({done.detector.thresholds_from}; the training photos' ImageNet mass on the "
                     f"other folds' support), added, and per predicted class {SDS:g} standard deviations below the "
                     "mean of the sums of the photos predicted as it (the overall one for a class with fewer than 40); "
                     "photos of no class never set it")
+        if done.detector.outlier is not None:
+            rule += ("; and a second test, outlier exposure, fitted against the --unfamiliar photos, its thresholds "
+                     f"the split-conformal {1 - args.outlier_keep:.0%} quantile of its own scores, set the same way; "
+                     "their flagged rates are out of fold")
         detector = {**done.detector.describe(), "threshold_rule": rule,
                     "unfamiliar_photos": done.unfamiliar}
     card = {
