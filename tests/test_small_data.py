@@ -81,6 +81,10 @@ def test_each_figure_too_few_photos_back_gets_one_plain_warning(small_model):
                                   f"{card['detector']['valid_images']} photos")
     # No photos of no class were given: the warning says how to keep look-alikes out; with them, it doesn't.
     assert warnings[3].endswith("give some with --unfamiliar OTHER --outlier-exposure")
+    # Joined with the ImageNet test (this set's default), it lets fewer through than the k-NN test alone.
+    assert "it sometimes takes look-alikes" in warnings[3]
+    alone = {**card, "detector": {**card["detector"], "imagenet_test": None}}
+    assert "it often takes look-alikes" in warnings_for(alone)[3]
     learnt = {**card, "detector": {**card["detector"], "outlier_exposure": {"negatives": 300}}}
     assert "--outlier-exposure" not in warnings_for(learnt)[3]
     for warning in warnings:

@@ -56,11 +56,12 @@ def warnings_for(card: dict[str, Any]) -> list[str]:
     if detector and detector["valid_images"] < ENOUGH_PHOTOS:
         rate = _share(detector["valid_false_flag_rate"], detector["valid_images"])
         # Measured (README, "A student's small dataset"): with no photos of no class to learn from, a
-        # small set's detector let 38-74% of look-alikes (bears) through, 6-45% with its ImageNet test
-        # (the default at that size); with them, 1-23%.
+        # small set's k-NN test alone let 38-74% of look-alikes (bears) through, 1-38% joined with its
+        # ImageNet test (the default at that size); with them (the outlier test), 1-23%.
+        how_often = "sometimes" if detector.get("imagenet_test") else "often"
         look_alikes = ("" if detector.get("outlier_exposure") else
-                       "; without photos of no class to learn from, it often takes look-alikes for familiar: give "
-                       "some with --unfamiliar OTHER --outlier-exposure")
+                       f"; without photos of no class to learn from, it {how_often} takes look-alikes for familiar: "
+                       "give some with --unfamiliar OTHER --outlier-exposure")
         found.append(f"the unfamiliar-image detector's thresholds were set on {detector['valid_images']} photos: "
                      f"its rate of flagging real photos ({rate}) is a guess until measured on new photos{look_alikes}")
     return found
