@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from app.building.recipe import OFFLINE_PRETRAINED, architectures
-from app.core.detector import MIN_CLASS_PHOTOS, Detector, out_of_fold_scores
+from app.core.detector import Detector, class_flag_rates, out_of_fold_scores, per_class
 from app.core.imagenet_test import (
     TOP,
     ImageNetTest,
@@ -78,9 +78,7 @@ def gaussian_thresholds(scores: np.ndarray, predicted: np.ndarray, n_classes: in
     def below(values: np.ndarray) -> float:
         return float(values.mean() - sds * values.std())
 
-    overall = below(scores)
-    return tuple(below(scores[predicted == c]) if (predicted == c).sum() >= MIN_CLASS_PHOTOS else overall
-                 for c in range(n_classes))
+    return per_class(scores, predicted, n_classes, below, below(scores))
 
 
 @dataclass(frozen=True)
@@ -137,7 +135,6 @@ def with_imagenet_test(detector: Detector, classifier: tuple[np.ndarray, np.ndar
     n_classes = len(detector.class_thresholds)
     thresholds = gaussian_thresholds(joint, cal.predicted, n_classes, sds)
     flagged = joint < np.asarray(thresholds, np.float32)[cal.predicted]
-    rates = tuple(float(flagged[cal.predicted == c].mean()) if (cal.predicted == c).any() else 0.0
-                  for c in range(n_classes))
+    rates = class_flag_rates(flagged, cal.predicted, n_classes)
     test = ImageNetTest(cal.weight, cal.bias, cal.support, thresholds, scale=scale)
     return replace(detector, imagenet=test, valid_false_flag_rate=float(flagged.mean()), class_false_flag_rates=rates)

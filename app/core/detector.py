@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,12 +99,24 @@ def threshold_keeping(scores: np.ndarray, keep: float) -> float:
     return float(ordered[min(len(ordered), m) - 1])
 
 
+def per_class(scores: np.ndarray, predicted: np.ndarray, n_classes: int, rule: Callable[[np.ndarray], float],
+              fallback: float) -> tuple[float, ...]:
+    """For each class, `rule` applied to the scores of the photos predicted as it, or `fallback`
+    when fewer than MIN_CLASS_PHOTOS were."""
+    return tuple(rule(scores[predicted == c]) if (predicted == c).sum() >= MIN_CLASS_PHOTOS else fallback
+                 for c in range(n_classes))
+
+
 def class_thresholds(scores: np.ndarray, predicted: np.ndarray, n_classes: int, keep: float,
                      fallback: float) -> tuple[float, ...]:
     """For each class, the threshold keeping `keep` of the scores of photos predicted as it, or
     `fallback` when fewer than MIN_CLASS_PHOTOS were."""
-    return tuple(threshold_keeping(scores[predicted == c], keep) if (predicted == c).sum() >= MIN_CLASS_PHOTOS
-                 else fallback for c in range(n_classes))
+    return per_class(scores, predicted, n_classes, lambda values: threshold_keeping(values, keep), fallback)
+
+
+def class_flag_rates(flagged: np.ndarray, predicted: np.ndarray, n_classes: int) -> tuple[float, ...]:
+    """The share of the photos predicted as each class that are flagged (0 for a class none was)."""
+    return tuple(float(flagged[predicted == c].mean()) if (predicted == c).any() else 0.0 for c in range(n_classes))
 
 
 @dataclass(frozen=True)
@@ -167,8 +180,7 @@ class Detector:
         overall = threshold_keeping(valid_scores, keep)
         thresholds = class_thresholds(valid_scores, valid_predicted, n_classes, keep, overall)
         flagged = valid_scores < np.asarray(thresholds, np.float32)[valid_predicted]
-        rates = tuple(float(flagged[valid_predicted == c].mean()) if (valid_predicted == c).any() else 0.0
-                      for c in range(n_classes))
+        rates = class_flag_rates(flagged, valid_predicted, n_classes)
         source = "validation split" if train_folds is None else "validation split and out-of-fold training photos"
         return cls(export_sha256, reference, k, overall, float(flagged.mean()), len(valid_scores),
                    class_thresholds=thresholds, class_false_flag_rates=rates, thresholds_from=source)

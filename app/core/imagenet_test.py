@@ -83,7 +83,7 @@ class ImageNetTest:
 
     weight: np.ndarray = field(repr=False)  # (1000, d / 2) float32: the ImageNet classifier
     bias: np.ndarray = field(repr=False)  # (1000,)
-    support: np.ndarray = field(repr=False)  # the ImageNet class indices of the training photos' top 5
+    support: np.ndarray = field(repr=False)  # the ImageNet class indices of the training photos' top TOP
     class_thresholds: tuple[float, ...]
     method: str = METHOD
     scale: Scale | None = None  # None: a format-5 test, not joined with the k-NN test
