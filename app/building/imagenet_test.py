@@ -42,7 +42,7 @@ SMALL_SET = 100
 # size (`TOP`) by `python -m bench.imagenet_test` (small cats/dogs sets, no bear): the most sets with
 # each class flagged at most 10% and other things at least 80%; of those tied, the fewest familiar
 # photos flagged. A wider support ranked first on a wider bench (top 25, 2.75 SD) and was turned down
-# on the bears: some dog's top 25 nearly always holds "American black bear" (README).
+# on the bears: some cat's or dog's top 25 nearly always holds "American black bear" (README).
 SDS = 2.25
 
 
