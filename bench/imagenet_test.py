@@ -9,11 +9,10 @@ detector format 5 had it), and joined with it: one threshold, S standard deviati
 of the two tests' standardised scores added, for each support (the training photos' top T ImageNet
 classes) and each S. No photo of no class is given (what `app.train` does at its defaults), so all
 seven other not-bears categories (people, food, vehicles, objects, plants, scenes, other animals)
-are look-alikes it never saw. Goals, from issue
-28: each class flagged at most 10% of its new photos, other things at least 80%; the rule that
-chose (`app.building.imagenet_test.SDS`): the most sets meeting both, ties to the fewest familiar
-photos flagged (the worst class's mean). The bears, on which `bench.small_data` reports the choice,
-are never used here.
+are look-alikes it never saw. Goals, from issue 28: each class flagged at most 10% of its new
+photos, other things at least 80%; the rule that chose (`app.building.imagenet_test.SDS`): the most
+sets meeting both, ties to the fewest familiar photos flagged (the worst class's mean). The bears,
+on which `bench.small_data` reports the choice, are never used here.
 """
 
 from __future__ import annotations
