@@ -25,7 +25,7 @@ import numpy as np
 from app.building.imagenet_test import calibration, imagenet_classifier, with_imagenet_test
 from app.core.detector import DEFAULT_KEEP, Detector, class_thresholds, threshold_keeping
 from app.core.imagenet_test import ImageNetTest
-from bench.small_data import CLASSES
+from bench.small_data import CLASSES, OTHERS, WORST_CLASS
 from bench.small_sets import SmallSet, add_arguments, not_bears, small_set
 
 
@@ -72,8 +72,8 @@ def main() -> int:
     for name, figures in rows.items():
         table = np.array(figures)
         worst, by_set, by_category = table[:, 0], table[:, 1:].mean(axis=1), table[:, 1:].mean(axis=0)
-        both = ((worst <= 0.10) & (by_set >= 0.80)).mean()
-        print(f"| {name} | {both:.0%} | {(worst <= 0.10).mean():.0%} | {worst.mean():.1%} / {worst.max():.1%} | "
+        both = ((worst <= WORST_CLASS) & (by_set >= OTHERS)).mean()
+        print(f"| {name} | {both:.0%} | {(worst <= WORST_CLASS).mean():.0%} | {worst.mean():.1%} / {worst.max():.1%} | "
               f"{by_category.mean():.1%} | {by_category.min():.1%} | {' | '.join(f'{r:.0%}' for r in by_category)} |")
     return 0
 
